@@ -1,0 +1,308 @@
+"""The scoring primitive shared by SpecPC, SpecKV and the attention baselines.
+
+During an ordinary forward pass (sdpa or flash-attention; eager is never needed) every attention layer
+is observed by a temporary forward hook. For the *observer* positions (a contiguous tail of the sequence:
+the last prompt window plus lookahead / draft-answer tokens) the hook rebuilds the post-RoPE query
+states from the layer's input, reads the post-RoPE keys of all positions from the KV cache, and computes
+
+    A[l, h, o, j] = softmax_j(q[l, h, o] . k[l, kv(h), j] / sqrt(d))    (fp32, causal)
+
+for those rows only: O(|O| * n) memory per layer, never the n x n matrix. The rows are reduced at once
+(query heads of each KV group, then observers) into one score per layer, KV head and key, and combined
+across forward calls, so a long prompt can be prefilled in chunks and lookahead tokens generated one at
+a time while the scores accumulate. Hooks live only inside the ``with`` block: the user's model is not
+changed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import Cache, PreTrainedModel
+
+Reduction = Literal["max", "mean"]
+Pool = Literal["max", "avg"]
+
+
+@dataclass(frozen=True)
+class ScoreReduction:
+    """How observer attention rows become one score per key.
+
+    Args:
+        heads: reduce the query heads of each KV group (GQA) with ``"max"`` (default) or ``"mean"``.
+        observers: reduce the observer rows with ``"max"`` (default) or ``"mean"``.
+        weighted_query: first scale observer row ``i`` of ``|O|`` by ``i / (|O| - 1)``, a linear ramp from
+            0 for the oldest observer to 1 for the newest (1 when there is a single observer), so tokens
+            near the end of the prompt speak loudest.
+    """
+
+    heads: Reduction = "max"
+    observers: Reduction = "max"
+    weighted_query: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "observers"):
+            if getattr(self, name) not in ("max", "mean"):
+                msg = f"ScoreReduction.{name} must be 'max' or 'mean', got {getattr(self, name)!r}."
+                raise ValueError(msg)
+
+
+def observer_weights(num_observers: int, device: torch.device | None = None) -> torch.Tensor:
+    """The ``weighted_query`` ramp: 0 for the oldest observer, 1 for the newest."""
+    if num_observers == 1:
+        return torch.ones(1, device=device)
+    return torch.linspace(0.0, 1.0, num_observers, device=device)
+
+
+def observer_attention(
+    query: torch.Tensor, key: torch.Tensor, query_positions: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Causal softmax attention rows of some queries onto all keys, in fp32.
+
+    Args:
+        query: post-RoPE queries ``[batch, heads, q, dim]``.
+        key: post-RoPE keys ``[batch, kv_heads, n, dim]``; ``heads`` must be a multiple of ``kv_heads``.
+        query_positions: ``[q]`` index of each query in the key sequence (a query sees keys ``<=`` it).
+        scaling: the softmax temperature, usually ``dim ** -0.5``.
+
+    Returns:
+        ``[batch, heads, q, n]`` attention probabilities.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, -1, dim)
+    logits = torch.einsum("bgrqd,bgnd->bgrqn", grouped, key.float()) * scaling
+    future = torch.arange(n, device=key.device)[None, :] > query_positions.to(key.device)[:, None]
+    logits = logits.masked_fill(future, float("-inf"))
+    return logits.softmax(dim=-1).reshape(batch, heads, -1, n)
+
+
+def reduce_rows(
+    probs: torch.Tensor, num_kv_heads: int, reduction: ScoreReduction, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Reduce attention rows ``[batch, heads, q, n]`` to ``[batch, kv_heads, q, n]`` (over each KV group's heads).
+
+    ``weights`` (``[q]``) scales each observer row first, for ``weighted_query``.
+    """
+    if weights is not None:
+        probs = probs * weights.to(probs)[None, None, :, None]
+    batch, heads, q, n = probs.shape
+    grouped = probs.reshape(batch, num_kv_heads, heads // num_kv_heads, q, n)
+    return grouped.amax(dim=2) if reduction.heads == "max" else grouped.mean(dim=2)
+
+
+def pool_scores(scores: torch.Tensor, kernel_size: int, pool: Pool = "max") -> torch.Tensor:
+    """Smooth scores over the last (position) axis with a stride-1 window of ``kernel_size``, "same" size.
+
+    Edges are zero-padded; for an even kernel the window reaches one further left than right. ``avg``
+    divides by the full kernel size, like a zero-padded convolution.
+    """
+    if kernel_size <= 1:
+        return scores
+    if pool not in ("max", "avg"):
+        msg = f"pool must be 'max' or 'avg', got {pool!r}."
+        raise ValueError(msg)
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    padded = F.pad(flat, (kernel_size // 2, (kernel_size - 1) // 2))
+    pooled = F.max_pool1d(padded, kernel_size, stride=1) if pool == "max" else F.avg_pool1d(
+        padded, kernel_size, stride=1
+    )
+    return pooled.reshape(shape)
+
+
+class ObserverScores:
+    """Context manager that scores every key by the attention it gets from the observer positions.
+
+    Observers are the positions ``first_observer .. first_observer + num_observers - 1`` of the sequence fed
+    through the model inside the block (in one or several forward calls that extend one KV cache).
+    After the block, :meth:`scores` returns ``[layers, batch, kv_heads, n]``: for each layer, KV head and key,
+    the reduced attention from all observers, where ``n`` is the longest key sequence seen.
+
+    Args:
+        model: a decoder-only transformers model whose attention layers have ``q_proj``, ``layer_idx`` and a
+            module-level ``apply_rotary_pos_emb`` (Llama, Qwen2, Qwen3, Mistral and most others).
+        first_observer: index of the first observer position.
+        num_observers: how many observer positions follow it.
+        reduction: see :class:`ScoreReduction`.
+        layers: which layer indices to score (default all); others run untouched.
+        key_mask: optional ``[batch, n]`` bool mask of real (non-padding) keys; padded keys get probability 0.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        first_observer: int,
+        num_observers: int,
+        reduction: ScoreReduction | None = None,
+        layers: Sequence[int] | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> None:
+        if num_observers < 1 or first_observer < 0:
+            msg = f"need at least one observer at a position >= 0, got {num_observers} from {first_observer}."
+            raise ValueError(msg)
+        self.model = model
+        self.first_observer = first_observer
+        self.num_observers = num_observers
+        self.reduction = reduction or ScoreReduction()
+        self.key_mask = key_mask
+        self._attention = list(attention_modules(model))
+        self._layers = set(range(len(self._attention)) if layers is None else layers)
+        self._weights = observer_weights(num_observers) if self.reduction.weighted_query else None
+        self._sums: dict[int, torch.Tensor] = {}
+        self._seen: dict[int, int] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ObserverScores:
+        for index, module in enumerate(self._attention):
+            if index in self._layers:
+                self._handles.append(module.register_forward_hook(self._make_hook(index), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def scores(self) -> torch.Tensor:
+        """``[layers, batch, kv_heads, n]`` scores of the scored layers, in layer order."""
+        if not self._sums:
+            msg = "no observer position was run through the model inside the ObserverScores block."
+            raise RuntimeError(msg)
+        n = max(s.shape[-1] for s in self._sums.values())
+        out = []
+        for index in sorted(self._sums):
+            total = F.pad(self._sums[index], (0, n - self._sums[index].shape[-1]))
+            if self.reduction.observers == "mean":
+                total = total / self._seen[index]
+            out.append(total)
+        return torch.stack(out)
+
+    def _make_hook(self, layer_index: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cache = kwargs.get("past_key_values")
+            if cache is None:
+                msg = "ObserverScores needs the forward call to use a KV cache (pass past_key_values=DynamicCache())."
+                raise RuntimeError(msg)
+            keys = cache.layers[module.layer_idx].keys
+            q_len, n = hidden.shape[1], keys.shape[2]
+            start = n - q_len
+            lo = max(self.first_observer, start)
+            hi = min(self.first_observer + self.num_observers, n)
+            if lo >= hi:
+                return
+            local = slice(lo - start, hi - start)
+            cos, sin = kwargs["position_embeddings"]
+            query = observer_queries(module, hidden[:, local], cos[:, local], sin[:, local])
+            positions = torch.arange(lo, hi, device=keys.device)
+            probs = observer_attention(query, keys, positions, _scaling(module))
+            if self.key_mask is not None:
+                probs = probs * self.key_mask[:, None, None, :n].to(probs)
+            weights = None
+            if self._weights is not None:
+                weights = self._weights[lo - self.first_observer : hi - self.first_observer]
+            rows = reduce_rows(probs, keys.shape[1], self.reduction, weights)
+            self._accumulate(layer_index, rows)
+
+        return hook
+
+    def _accumulate(self, layer_index: int, rows: torch.Tensor) -> None:
+        combined = rows.amax(dim=2) if self.reduction.observers == "max" else rows.sum(dim=2)
+        previous = self._sums.get(layer_index)
+        if previous is not None:
+            previous = F.pad(previous, (0, combined.shape[-1] - previous.shape[-1]))
+            combined = torch.maximum(previous, combined) if self.reduction.observers == "max" else previous + combined
+        self._sums[layer_index] = combined
+        self._seen[layer_index] = self._seen.get(layer_index, 0) + rows.shape[2]
+
+
+def observer_queries(
+    module: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Rebuild an attention layer's post-RoPE query states ``[batch, heads, q, dim]`` from its input."""
+    head_dim = _head_dim(module)
+    query = module.q_proj(hidden).view(*hidden.shape[:-1], -1, head_dim)
+    q_norm = getattr(module, "q_norm", None)
+    if q_norm is not None:
+        query = q_norm(query)
+    query = query.transpose(1, 2)
+    rope = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    if rope is None:
+        msg = f"{type(module).__name__} has no apply_rotary_pos_emb in its module; this architecture is not supported."
+        raise NotImplementedError(msg)
+    rotated, _ = rope(query, query, cos, sin)
+    return rotated
+
+
+def attention_modules(model: PreTrainedModel) -> Iterator[torch.nn.Module]:
+    """The self-attention module of each decoder layer, in layer order."""
+    found = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+    if not found:
+        msg = (
+            f"{type(model).__name__} has no attention layers with q_proj/layer_idx; draft-rag supports "
+            "Llama/Qwen/Mistral-style decoder models."
+        )
+        raise NotImplementedError(msg)
+    yield from sorted(found, key=lambda m: m.layer_idx)
+
+
+def _head_dim(module: torch.nn.Module) -> int:
+    head_dim = getattr(module, "head_dim", None)
+    if head_dim is None:
+        config = module.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(head_dim)
+
+
+def _scaling(module: torch.nn.Module) -> float:
+    return float(getattr(module, "scaling", _head_dim(module) ** -0.5))
+
+
+def prefill(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    cache: Cache | None = None,
+    *,
+    chunk_size: int = 2048,
+    attention_mask: torch.Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Cache, torch.Tensor]:
+    """Run ``input_ids`` ``[batch, n]`` through the model in chunks, extending ``cache``.
+
+    Only the last position's logits are computed (no full-vocabulary logits for the prompt). Returns the
+    cache and the last logits ``[batch, vocab]``. ``attention_mask`` (``[batch, past + n]``) is for
+    left-padded batches. ``progress`` is called with the number of tokens done after each chunk.
+    """
+    from transformers import DynamicCache
+
+    if chunk_size < 1:
+        msg = f"chunk_size must be >= 1, got {chunk_size}."
+        raise ValueError(msg)
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    past = cache.get_seq_length()
+    logits = None
+    with torch.inference_mode():
+        for start in range(0, input_ids.shape[1], chunk_size):
+            chunk = input_ids[:, start : start + chunk_size]
+            end = past + start + chunk.shape[1]
+            kwargs: dict[str, Any] = {}
+            if attention_mask is not None:
+                mask = attention_mask[:, :end]
+                kwargs["attention_mask"] = mask
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -chunk.shape[1] :]
+            out = model(
+                input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs
+            )
+            logits = out.logits[:, -1]
+            if progress is not None:
+                progress(chunk.shape[1])
+    assert logits is not None, "prefill needs at least one token"
+    return cache, logits

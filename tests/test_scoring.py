@@ -1,0 +1,107 @@
+"""The efficient observer scoring must equal a naive full-attention reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from draft_rag.scoring import (
+    ObserverScores,
+    ScoreReduction,
+    observer_weights,
+    pool_scores,
+    prefill,
+    reduce_rows,
+)
+from tests.tiny import tiny_model
+
+
+def naive_scores(model, input_ids, first, count, reduction):
+    """Full n x n eager attention, softmaxed by the model itself, sliced to the observer rows and reduced."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids, output_attentions=True)
+    kv_heads = model.config.num_key_value_heads
+    weights = observer_weights(count) if reduction.weighted_query else None
+    per_layer = []
+    for attn in out.attentions:
+        rows = reduce_rows(attn[:, :, first : first + count].float(), kv_heads, reduction, weights)
+        per_layer.append(rows.amax(dim=2) if reduction.observers == "max" else rows.mean(dim=2))
+    return torch.stack(per_layer)
+
+
+def efficient_scores(model, input_ids, first, count, reduction, chunk_size):
+    with ObserverScores(model, first, count, reduction) as scorer:
+        prefill(model, input_ids, DynamicCache(config=model.config), chunk_size=chunk_size)
+    return scorer.scores()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("chunk_size", [1000, 16, 7])
+@pytest.mark.parametrize(
+    "reduction",
+    [
+        ScoreReduction(),
+        ScoreReduction(heads="mean", observers="mean"),
+        ScoreReduction(weighted_query=True),
+        ScoreReduction(heads="mean", observers="max", weighted_query=True),
+    ],
+)
+def test_efficient_scores_match_eager_reference(arch, chunk_size, reduction):
+    eager = tiny_model(arch, seed=5, attn="eager")
+    sdpa = tiny_model(arch, seed=5, attn="sdpa")
+    torch.manual_seed(0)
+    ids = torch.randint(3, eager.model.config.vocab_size, (2, 53))
+    first, count = 40, 13  # observers straddle chunk borders for chunk sizes 16 and 7
+    expected = naive_scores(eager.model, ids, first, count, reduction)
+    got = efficient_scores(sdpa.model, ids, first, count, reduction, chunk_size)
+    assert got.shape == expected.shape == (2, 2, 2, 53)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_scores_accumulate_over_decode_steps(tiny_qwen):
+    """Observers fed one token at a time (lookahead) score like one full forward."""
+    eager = tiny_model("qwen2", seed=0, attn="eager")
+    ids = torch.randint(3, eager.model.config.vocab_size, (1, 30))
+    reduction = ScoreReduction(weighted_query=True)
+    expected = naive_scores(eager.model, ids, 20, 10, reduction)
+    with ObserverScores(tiny_qwen.model, 20, 10, reduction) as scorer:
+        cache, _ = prefill(tiny_qwen.model, ids[:, :25], chunk_size=8)
+        for pos in range(25, 30):
+            prefill(tiny_qwen.model, ids[:, pos : pos + 1], cache)
+    torch.testing.assert_close(scorer.scores(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_are_removed_after_the_block(tiny_qwen):
+    model = tiny_qwen.model
+    before = sum(len(m._forward_hooks) for m in model.modules())
+    with ObserverScores(model, 0, 2):
+        assert sum(len(m._forward_hooks) for m in model.modules()) == before + 2
+    assert sum(len(m._forward_hooks) for m in model.modules()) == before
+
+
+def test_weighted_query_ramp():
+    torch.testing.assert_close(observer_weights(5), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    assert observer_weights(1).tolist() == [1.0]
+
+
+def test_weighted_query_silences_the_oldest_observer():
+    probs = torch.zeros(1, 2, 3, 4)
+    probs[:, :, 0, 0] = 1.0  # only the oldest observer looks at key 0
+    probs[:, :, 2, 3] = 0.5
+    rows = reduce_rows(probs, 1, ScoreReduction(weighted_query=True), observer_weights(3))
+    assert rows[0, 0, :, 0].max().item() == 0.0
+    assert rows[0, 0, 2, 3].item() == 0.5
+
+
+def test_pool_keeps_length_and_spreads_peaks():
+    scores = torch.zeros(1, 10)
+    scores[0, 5] = 1.0
+    pooled = pool_scores(scores, 3, "max")
+    assert pooled.shape == scores.shape
+    assert pooled[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+    avg = pool_scores(scores, 4, "avg")
+    assert avg.shape == scores.shape
+    assert avg[0, 4:8].tolist() == [0.25] * 4 and avg.sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="pool"):
+        pool_scores(scores, 3, "median")  # type: ignore[arg-type]

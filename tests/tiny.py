@@ -15,7 +15,7 @@ CHATML = (
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. A special magic number is hidden in the text. "
     "What is the special magic number for the word apple? Retrieval augmented generation reads long "
-    "documents, and a small draft model decides which tokens matter. 0123456789 , . ? ! : ; ' \" - "
+    "documents, and a small draft model decides which tokens matter. 0123456789 , . ? ! : ; ' \" - … "
 )
 
 

@@ -1,0 +1,161 @@
+"""SpecPC invariants on a tiny random draft model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from draft_rag import SpecPC
+from draft_rag.specpc import join_spans, select_tokens, snap_spans
+from tests.tiny import tiny_model, tiny_tokenizer
+
+QUERY = "What is the special magic number for the word apple?"
+DOCS = [
+    "The quick brown fox jumps over the lazy dog. " * 6,
+    "A special magic number is hidden in the text: 4815162. " * 3,
+    "Retrieval augmented generation reads long documents, and a small draft model decides. " * 4,
+]
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return tiny_model("qwen2", seed=7)
+
+
+def make(draft, **kwargs):
+    defaults = dict(budget=48, window_size=8, kernel_size=5, neighbor_tokens=6, starting_layer_index=1)
+    defaults.update(kwargs)
+    return SpecPC(draft=draft, **defaults)
+
+
+def count(text: str) -> int:
+    return len(tiny_tokenizer()(text, add_special_tokens=False)["input_ids"])
+
+
+def test_budget_at_least_context_returns_documents_unchanged(draft):
+    total = sum(count(d) for d in DOCS)
+    for budget in (total, total + 100):
+        result = make(draft, budget=budget).compress(QUERY, DOCS)
+        assert result.texts == DOCS
+        assert [d.spans for d in result.documents] == [[(0, len(d))] for d in DOCS]
+        assert result.total_kept_tokens == result.total_original_tokens == total
+        assert not any(d.compressed for d in result.documents)
+
+
+@pytest.mark.parametrize("budget", [12, 20, 48, 90])
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_output_never_exceeds_budget(draft, budget, lookahead):
+    result = make(draft, budget=budget, lookahead_tokens=lookahead).compress(QUERY, DOCS)
+    assert len(result.documents) == len(DOCS)
+    assert result.total_kept_tokens <= budget
+    assert sum(count(d.text) for d in result.documents) == result.total_kept_tokens
+    assert result.total_kept_tokens >= budget // 2  # the budget is used, not wasted
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"pool": "avg", "reduction": "mean"}, {"weighted_query": False},
+                                    {"neighbor_tokens": 1}, {"observer_reduction": "mean"}])
+def test_kept_spans_map_exactly_to_source_text(draft, kwargs):
+    result = make(draft, **kwargs).compress(QUERY, DOCS)
+    marker = " … "
+    for source, doc in zip(DOCS, result.documents):
+        pieces = [source[s:e] for s, e in doc.spans]
+        assert all(piece and piece == piece.strip() for piece in pieces)
+        assert all(a[1] < b[0] for a, b in zip(doc.spans, doc.spans[1:]))  # sorted, disjoint
+        assert doc.text.strip("… ") == marker.join(pieces).strip("… ") or not pieces
+        for s, e in doc.spans:  # no word cut in half
+            assert s == 0 or source[s - 1].isspace()
+            assert e == len(source) or source[e].isspace()
+
+
+def test_query_and_document_order_and_count_preserved(draft):
+    docs = DOCS + ["   ", ""]
+    result = make(draft).compress(QUERY, docs)
+    assert result.query == QUERY
+    assert len(result.documents) == len(docs)
+    assert result.documents[3].text == "   " and result.documents[4].text == ""
+    for source, doc in zip(docs, result.documents):
+        assert doc.original_tokens == count(source)
+        assert doc.dropped == (doc.original_tokens > 0 and not doc.spans)
+
+
+def test_deterministic(draft):
+    a = make(draft).compress(QUERY, DOCS)
+    b = make(draft).compress(QUERY, DOCS)
+    assert a.documents == b.documents
+
+
+def test_empty_document_list_returns_empty_result(draft):
+    result = make(draft).compress(QUERY, [])
+    assert result.documents == [] and result.total_kept_tokens == 0
+
+
+def test_target_tokenizer_counts_the_budget():
+    """With a different target tokenizer the budget is counted in its tokens."""
+    from transformers import AutoTokenizer  # noqa: F401  (the tokenizer object is passed directly)
+
+    draft = tiny_model("qwen2", seed=7)
+    target_tok = tiny_tokenizer()
+    result = make(draft, budget=30, target_tokenizer=target_tok).compress(QUERY, DOCS)
+    assert sum(len(target_tok(d.text, add_special_tokens=False)["input_ids"]) for d in result.documents) <= 30
+
+
+@pytest.mark.parametrize(
+    ("query", "documents", "error", "match"),
+    [
+        ("", DOCS, ValueError, "query"),
+        ("   ", DOCS, ValueError, "query"),
+        (None, DOCS, TypeError, "query"),
+        (QUERY, "a single string", TypeError, "documents"),
+        (QUERY, ["ok", 3], TypeError, r"documents\[1\]"),
+        (QUERY, None, TypeError, "documents"),
+    ],
+)
+def test_bad_input_gives_clear_errors(draft, query, documents, error, match):
+    with pytest.raises(error, match=match):
+        make(draft).compress(query, documents)
+
+
+@pytest.mark.parametrize("name", ["budget", "window_size", "kernel_size", "neighbor_tokens", "chunk_size"])
+@pytest.mark.parametrize("value", [0, -3])
+def test_bad_config_gives_clear_errors(name, value):
+    with pytest.raises(ValueError, match=name):
+        SpecPC(**{name: value})
+
+
+def test_bad_choice_config():
+    with pytest.raises(ValueError, match="pool"):
+        SpecPC(pool="median")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reduction"):
+        SpecPC(reduction="sum")  # type: ignore[arg-type]
+
+
+def test_document_longer_than_draft_context_is_rejected():
+    draft = tiny_model("qwen2", seed=7, max_position_embeddings=64)
+    with pytest.raises(ValueError, match=r"maximum context of 64.*documents\[1\]"):
+        make(draft, budget=10).compress(QUERY, ["short text here.", "The quick brown fox jumps. " * 30])
+
+
+def test_constructing_loads_nothing():
+    pc = SpecPC(draft="no/such-model-anywhere")
+    assert pc.draft == "no/such-model-anywhere"
+
+
+def test_select_tokens_neighbourhoods():
+    scores = torch.zeros(20)
+    scores[10] = 5.0
+    scores[2] = 4.0
+    assert select_tokens(scores, 4, 4).tolist() == [8, 9, 10, 11]
+    assert select_tokens(scores, 6, 4).tolist() == [1, 2, 8, 9, 10, 11]  # nearest the centre first
+    assert select_tokens(scores, 3, 4).tolist() == [9, 10, 11]
+    assert select_tokens(scores, 2, 1).tolist() == [2, 10]
+    assert select_tokens(scores, 100, 4).tolist() == list(range(20))
+    assert select_tokens(scores, 0, 4).tolist() == []
+
+
+def test_snap_and_join_spans():
+    source = "alpha beta gamma delta epsilon"
+    assert snap_spans(source, [(7, 9), (12, 13)]) == [(6, 16)]  # "beta gamma", merged over whitespace
+    assert snap_spans(source, [(0, 2), (24, 26)]) == [(0, 5), (23, 30)]
+    assert join_spans(source, [(6, 10)], " … ") == "… beta …"
+    assert join_spans(source, [(0, 5), (23, 30)], " … ") == "alpha … epsilon"
+    assert join_spans(source, [(0, len(source))], " … ") == source

@@ -131,7 +131,6 @@ def load_model(
             "pass e.g. 'qwen2.5-coder-0.5b-instruct' or LoadedModel(model, tokenizer)."
         )
         raise TypeError(msg)
-    import torch
 
     device = device or default_device()
     resolved_dtype = _resolve_dtype(dtype, device)

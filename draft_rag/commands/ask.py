@@ -18,15 +18,30 @@ METHOD_NAMES = ("speckv", "snapkv", "streamingllm", "full")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query", required=True, help="the question to answer")
-    parser.add_argument("--context", nargs="*", default=[], metavar="FILE", help="text files to read before the question")
-    parser.add_argument("--method", choices=METHOD_NAMES, default="speckv", help="KV-cache method (default speckv)")
     parser.add_argument(
-        "--kv-budget", type=int, default=256, help="prompt KV entries kept per layer and KV head (default 256)"
+        "--context", nargs="*", default=[], metavar="FILE", help="text files to read before the question"
+    )
+    parser.add_argument(
+        "--method", choices=METHOD_NAMES, default="speckv", help="KV-cache method (default speckv)"
+    )
+    parser.add_argument(
+        "--kv-budget",
+        type=int,
+        default=256,
+        help="prompt KV entries kept per layer and KV head (default 256)",
     )
     parser.add_argument("--window-size", type=int, default=32, help="prompt window always kept (default 32)")
+    parser.add_argument(
+        "--lookahead-tokens",
+        type=int,
+        default=None,
+        help="draft answer length for speckv (default: up to --max-new-tokens)",
+    )
     parser.add_argument("--draft", default=DEFAULT_DRAFT, help=f"draft model (default {DEFAULT_DRAFT})")
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"target model (default {DEFAULT_TARGET})")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -52,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         budget=args.kv_budget,
         window_size=args.window_size,
+        lookahead_tokens=args.lookahead_tokens,
     )
     kv_budget = None if args.method == "full" else args.kv_budget
     if args.json:

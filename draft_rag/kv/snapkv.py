@@ -1,0 +1,97 @@
+"""SnapKV: keep the prompt KV entries that the last prompt window attends to most.
+
+Based on https://arxiv.org/abs/2404.14469. The target's own queries at the end of the prompt (the window
+and the last prompt token) score every older key through :class:`~draft_rag.scoring.ObserverScores`; the
+scores are max-pooled over positions so that neighbours of a hit survive with it, and each KV head keeps
+its top entries plus the window. SpecKV is the same selection with more observers (a draft's answer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from draft_rag.kv.base import KVEviction, crop_to
+from draft_rag.scoring import ObserverScores, Pool, ScoreReduction, pool_scores, prefill
+
+if TYPE_CHECKING:
+    from transformers import Cache, PreTrainedModel
+
+
+@dataclass
+class SnapKVEviction(KVEviction):
+    """Per KV head, keep the ``window_size`` positions before the last prompt token and the best older ones.
+
+    Args:
+        budget: KV entries per KV head per layer, last prompt token included (default 256).
+        window_size: prompt positions before the last one that are always kept and observe (default 32);
+            must be smaller than ``budget``.
+        kernel_size: max/avg pooling width over positions applied to the scores (default 7).
+        pool: ``"max"`` (default) or ``"avg"`` pooling.
+        reduction: how the query heads of a KV group and the observers are reduced (default max/max).
+    """
+
+    window_size: int = 32
+    kernel_size: int = 7
+    pool: Pool = "max"
+    reduction: ScoreReduction = field(default_factory=ScoreReduction)
+
+    name: ClassVar[str] = "snapkv"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window_size < 0 or (self.budget is not None and self.window_size >= self.budget):
+            msg = (
+                f"window_size must be >= 0 and smaller than budget ({self.budget}), got {self.window_size}; "
+                "lower window_size or raise budget."
+            )
+            raise ValueError(msg)
+        if self.kernel_size < 1:
+            msg = f"kernel_size must be >= 1, got {self.kernel_size}."
+            raise ValueError(msg)
+        if self.pool not in ("max", "avg"):
+            msg = f"pool must be 'max' or 'avg', got {self.pool!r}."
+            raise ValueError(msg)
+
+    def observed_prefill(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        lookahead_ids: torch.Tensor | None,
+        chunk_size: int,
+    ) -> tuple[Cache, torch.Tensor]:
+        """Prefill prompt (+ lookahead) while the window, last prompt token and lookahead observe.
+
+        Returns the cache cropped to the first ``n - 1`` prompt positions and the raw (unpooled) scores
+        ``[layers, batch, kv_heads, n - 1 - window_size]`` of the older keys.
+        """
+        n = prompt_ids.shape[1]
+        ids = (
+            prompt_ids
+            if lookahead_ids is None
+            else torch.cat([prompt_ids, lookahead_ids.to(prompt_ids)], dim=1)
+        )
+        first = n - 1 - self.window_size
+        with ObserverScores(model, first, ids.shape[1] - first, self.reduction) as scorer:
+            cache, _ = prefill(model, ids, chunk_size=chunk_size)
+        crop_to(cache, n - 1)
+        return cache, scorer.scores()[..., :first]
+
+    def prefill_and_select(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        lookahead_ids: torch.Tensor | None,
+        chunk_size: int,
+    ) -> tuple[Cache, torch.Tensor]:
+        assert self.budget is not None
+        cache, scores = self.observed_prefill(model, prompt_ids, lookahead_ids, chunk_size)
+        first = scores.shape[-1]
+        top = pool_scores(scores, self.kernel_size, self.pool).topk(
+            self.budget - 1 - self.window_size, dim=-1
+        )
+        window = torch.arange(first, first + self.window_size, device=scores.device)
+        keep = torch.cat([top.indices, window.expand(*scores.shape[:-1], -1)], dim=-1)
+        return cache, keep.sort(dim=-1).values

@@ -1,0 +1,52 @@
+"""SpecKV: SnapKV selection where a draft model's answer joins the observers.
+
+Based on https://arxiv.org/abs/2506.08373. The prompt window only knows the question; a small draft
+model's approximate answer, run through the target after the prompt, also attends to the facts the real
+answer will need, so those KV entries survive eviction. The draft answer is passed as text and
+re-tokenized with the target tokenizer, so draft and target need not share a tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import takewhile
+from typing import ClassVar
+
+from draft_rag.decoding import Messages, Sampler, chat_prompt_ids, decode_steps
+from draft_rag.kv.snapkv import SnapKVEviction
+from draft_rag.models import LoadedModel, stop_token_ids
+from draft_rag.scoring import prefill
+
+
+@dataclass
+class SpecKVEviction(SnapKVEviction):
+    """:class:`SnapKVEviction` whose observers also include a draft answer's tokens (their KV is dropped).
+
+    Args:
+        budget, window_size, kernel_size, pool, reduction: as for SnapKV (defaults 256, 32, 7, max, max/max).
+        lookahead_tokens: how many tokens the draft answers with; ``None`` (default) means up to the
+            generation's ``max_new_tokens``, stopping at the draft's end of turn.
+    """
+
+    lookahead_tokens: int | None = None
+
+    name: ClassVar[str] = "speckv"
+    uses_draft: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lookahead_tokens is not None and self.lookahead_tokens < 1:
+            msg = (
+                f"lookahead_tokens must be >= 1 or None (up to max_new_tokens), got {self.lookahead_tokens}."
+            )
+            raise ValueError(msg)
+
+
+def draft_answer(draft: LoadedModel, messages: Messages, max_tokens: int, *, chunk_size: int = 2048) -> str:
+    """The draft's greedy answer to ``messages`` as text: at most ``max_tokens``, up to its end of turn."""
+    ids = chat_prompt_ids(draft.tokenizer, messages).to(draft.device)
+    cache, logits = prefill(draft.model, ids, chunk_size=chunk_size)
+    stop = set(stop_token_ids(draft))
+    steps = decode_steps(draft.model, cache, logits, ids.shape[1], Sampler(), max_tokens)
+    tokens = list(takewhile(lambda token: token not in stop, steps))
+    return draft.tokenizer.decode(tokens, skip_special_tokens=True)

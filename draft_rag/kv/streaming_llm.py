@@ -1,0 +1,54 @@
+"""StreamingLLM: keep the first tokens (attention sinks) and the most recent ones.
+
+Based on https://arxiv.org/abs/2309.17453. Needs no scores, so it costs nothing beyond the prefill; it
+forgets everything in the middle of the prompt, which is where a retrieved fact usually sits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from draft_rag.kv.base import KVEviction
+from draft_rag.scoring import prefill
+
+if TYPE_CHECKING:
+    from transformers import Cache, PreTrainedModel
+
+
+@dataclass
+class StreamingLLMEviction(KVEviction):
+    """Keep ``sink_tokens`` first positions plus the most recent positions, ``budget`` entries in all.
+
+    Args:
+        budget: KV entries per KV head per layer, last prompt token included (default 256).
+        sink_tokens: first positions always kept (default 4); must leave room for recent ones
+            (``sink_tokens < budget - 1``).
+    """
+
+    sink_tokens: int = 4
+
+    name: ClassVar[str] = "streamingllm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget is not None and not 0 <= self.sink_tokens < self.budget - 1:
+            msg = f"sink_tokens must be >= 0 and < budget - 1 = {self.budget - 1}, got {self.sink_tokens}."
+            raise ValueError(msg)
+
+    def prefill_and_select(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        lookahead_ids: torch.Tensor | None,
+        chunk_size: int,
+    ) -> tuple[Cache, torch.Tensor]:
+        assert self.budget is not None
+        older = prompt_ids.shape[1] - 1
+        cache, _ = prefill(model, prompt_ids[:, :-1], chunk_size=chunk_size)
+        recent = self.budget - 1 - self.sink_tokens
+        positions = torch.cat([torch.arange(self.sink_tokens), torch.arange(older - recent, older)])
+        kv_heads = cache.layers[0].keys.shape[1]
+        return cache, positions.expand(prompt_ids.shape[0], kv_heads, -1)

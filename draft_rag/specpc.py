@@ -65,6 +65,16 @@ class CompressedDocument:
         """True when some of the document was cut."""
         return self.kept_tokens != self.original_tokens or len(self.spans) > 1
 
+    def as_metadata(self) -> dict[str, Any]:
+        """Everything but the text, as plain data for a framework's metadata: counts, spans, score, dropped."""
+        return {
+            "kept_tokens": self.kept_tokens,
+            "original_tokens": self.original_tokens,
+            "spans": [list(span) for span in self.spans],
+            "score": self.score,
+            "dropped": self.dropped,
+        }
+
 
 @dataclass(frozen=True)
 class CompressionResult:

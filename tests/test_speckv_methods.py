@@ -17,34 +17,13 @@ from tests.tiny import CORPUS, tiny_model
 @functools.cache
 def other_tokenizer_model():
     """A tiny Qwen2 model whose BPE tokenizer has a different vocabulary than tests.tiny's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from draft_rag.bench.tiny import tiny_model as build
+    from draft_rag.bench.tiny import train_tokenizer
 
-    from draft_rag.models import LoadedModel
-    from tests.tiny import CHATML, tiny_config
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    tokenizer = train_tokenizer(
+        [CORPUS[::-1]] * 5 + [CORPUS], 320, special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
     )
-    tok.train_from_iterator([CORPUS[::-1]] * 5 + [CORPUS], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = CHATML
-    config = tiny_config(
-        "qwen2",
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(11)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name="tiny-other-tokenizer")
+    return build(tokenizer, seed=11, name="tiny-other-tokenizer", max_position_embeddings=4096)
 
 
 def random_ids(vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,27 @@
+"""``draft-rag bench``: RULER-style tasks, the methods compared, a resumable runner and the report.
+
+- :mod:`draft_rag.bench.tasks`: seeded task generators at a requested length in target tokens.
+- :mod:`draft_rag.bench.methods`: ``full``, prompt-side (SpecPC, its SnapKV-style ablation, truncation,
+  embedding filter) and KV-side (SpecKV, SnapKV, StreamingLLM) methods behind one interface.
+- :mod:`draft_rag.bench.runner`: one JSON row per sample x method x budget, resumable.
+- :mod:`draft_rag.bench.report`: ``summary.md`` and ``accuracy_vs_budget.png``.
+
+Nothing here imports torch at import time.
+"""
+
+from draft_rag.bench.methods import METHODS, build_methods
+from draft_rag.bench.report import plot_accuracy, write_summary
+from draft_rag.bench.runner import BenchConfig, run_bench
+from draft_rag.bench.tasks import TASKS, Sample, TaskGenerator
+
+__all__ = [
+    "METHODS",
+    "TASKS",
+    "BenchConfig",
+    "Sample",
+    "TaskGenerator",
+    "build_methods",
+    "plot_accuracy",
+    "run_bench",
+    "write_summary",
+]

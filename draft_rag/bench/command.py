@@ -1,0 +1,150 @@
+"""``draft-rag bench``: accuracy, latency and memory of SpecPC / SpecKV against baselines.
+
+Example::
+
+    draft-rag bench --tasks niah_single qa --lengths 4096 --budgets 512 1024 \\
+        --methods full specpc truncate embedding snapkv-pc speckv --samples 20 --out bench-out
+    draft-rag bench --preset tiny --out /tmp/bench-tiny      # tiny random models: plumbing only
+
+Writes ``results.jsonl`` (resumable), ``summary.md`` and ``accuracy_vs_budget.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from draft_rag.bench.methods import METHODS
+from draft_rag.bench.tasks import TASKS
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
+
+if TYPE_CHECKING:
+    from draft_rag.models import LoadedModel
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Full-size defaults: the packaged pair at 4k tokens.
+    "default": {"lengths": [4096], "budgets": [512, 1024], "samples": 20, "max_new_tokens": None},
+    # Tiny random models built in code: checks plumbing and file formats in seconds.
+    "tiny": {"lengths": [512], "budgets": [64, 128], "samples": 1, "max_new_tokens": 8},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks (default: all)")
+    parser.add_argument("--lengths", nargs="+", type=int,
+                        help="prompt lengths in target tokens (default 4096)")
+    parser.add_argument("--budgets", nargs="+", type=int,
+                        help="prompt-side budgets in context tokens (default 512 1024)")
+    parser.add_argument("--kv-budgets", nargs="+", type=int,
+                        help="KV-side budgets in KV entries per head (default: --budgets)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="methods; 'full' always runs as the reference (default: all)")
+    parser.add_argument("--samples", type=int, help="samples per task and length (default 20)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (bench-out)")
+    parser.add_argument("--draft", default=DEFAULT_DRAFT, help=f"draft model (default {DEFAULT_DRAFT})")
+    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"target model (default {DEFAULT_TARGET})")
+    parser.add_argument("--seed", type=int, default=0, help="task generator seed (default 0)")
+    parser.add_argument("--chunk-tokens", type=int, default=256,
+                        help="tokens per context document (default 256)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="'tiny' uses tiny random models (plumbing check; accuracy meaningless)")
+    parser.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
+                        help="same as --preset tiny")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rebuild summary.md and the plot from the rows in --out/results.jsonl")
+
+
+def run(args: argparse.Namespace) -> int:
+    from draft_rag.bench.methods import build_methods, unavailable_reason
+    from draft_rag.bench.runner import RESULTS_FILE, BenchConfig, read_rows, run_bench
+    from draft_rag.bench.tasks import TaskGenerator
+
+    if args.report_only:
+        rows = read_rows(args.out / RESULTS_FILE)
+        if not rows:
+            msg = f"--report-only found no rows in {args.out / RESULTS_FILE}; run the benchmark first."
+            raise FileNotFoundError(msg)
+        skipped = {name: reason for name in args.methods if (reason := unavailable_reason(name))}
+        _report(rows, args.out, skipped, seconds=None)
+        return 0
+
+    preset = PRESETS[args.preset]
+    config = BenchConfig(
+        tasks=args.tasks,
+        lengths=args.lengths or preset["lengths"],
+        budgets=args.budgets or preset["budgets"],
+        kv_budgets=args.kv_budgets,
+        samples=preset["samples"] if args.samples is None else args.samples,
+        seed=args.seed,
+        chunk_tokens=args.chunk_tokens,
+        max_new_tokens=preset.get("max_new_tokens"),
+    )
+    for name in ("lengths", "budgets", "kv_budgets"):
+        if any(value < 1 for value in getattr(config, name) or ()):
+            msg = f"--{name.replace('_', '-')} must be positive numbers of tokens."
+            raise ValueError(msg)
+    if config.samples < 1:
+        msg = f"--samples must be >= 1, got {config.samples}."
+        raise ValueError(msg)
+
+    started = time.perf_counter()
+    draft, target, specpc_settings = _models(args)
+    config.labels = {"draft": draft.name, "target": target.name, "chunk_tokens": config.chunk_tokens}
+    methods, skipped = build_methods(
+        args.methods, draft=draft, target=target, specpc_settings=specpc_settings
+    )
+    for name, reason in skipped.items():
+        print(f"draft-rag bench: skipping {name}: {reason}", file=sys.stderr)
+    generator = TaskGenerator(target.tokenizer, seed=args.seed, chunk_tokens=args.chunk_tokens)
+    rows = run_bench(config, methods, generator, args.out)
+    _report(rows, args.out, skipped, seconds=time.perf_counter() - started)
+    return 0
+
+
+def _report(rows: list[dict[str, Any]], out: Path, skipped: dict[str, str], seconds: float | None) -> None:
+    """Write summary.md and the plot for ``rows`` and say where they are."""
+    from draft_rag.bench.report import plot_accuracy, write_summary
+
+    summary = write_summary(rows, out, notes=_notes(rows, seconds), skipped=skipped)
+    plot = plot_accuracy(rows, out)
+    print(f"{len(rows)} rows in {out / 'results.jsonl'}\n{summary}\n{plot}")
+
+
+def _models(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel, dict[str, Any] | None]:
+    """The draft, the target, and SpecPC settings suited to them (None: the library defaults)."""
+    if args.preset == "tiny":
+        from draft_rag.bench.tiny import TINY_SPECPC_SETTINGS, tiny_pair
+
+        draft, target = tiny_pair()
+        return draft, target, TINY_SPECPC_SETTINGS
+    from draft_rag.models import load_model
+
+    return load_model(args.draft), load_model(args.target), None
+
+
+def _notes(rows: list[dict[str, Any]], seconds: float | None) -> list[str]:
+    """The settings lines at the top of summary.md, read from the rows themselves."""
+    import torch
+
+    def values(key: str) -> str:
+        return ", ".join(str(v) for v in dict.fromkeys(r.get(key) for r in rows) if v is not None)
+
+    samples = [len({r["sample_id"] for r in rows if (r["task"], r["length"]) == key})
+               for key in {(r["task"], r["length"]) for r in rows}]
+    notes = [
+        f"draft `{values('draft')}`, target `{values('target')}`; {platform.machine()} {platform.system()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}; greedy answers",
+        f"tasks {values('task')}; lengths {values('length')}; budgets {values('budget')}; "
+        f"{min(samples)}{'' if min(samples) == max(samples) else f'-{max(samples)}'} samples per task "
+        f"and length; seed {values('seed')}; "
+        f"{values('chunk_tokens') or '256'}-token documents",
+        f"{len(rows)} rows; their measured seconds add up to {sum(r['total_s'] for r in rows) / 60:.1f} min",
+    ]
+    if seconds is not None:
+        notes.append(f"this invocation took {seconds / 60:.1f} min (rows already in results.jsonl were reused)")
+    return notes

@@ -1,0 +1,356 @@
+"""RULER-style long-context tasks, generated locally at a requested length in target tokens.
+
+Every sample is a list of context documents (the context split into chunks of about ``chunk_tokens``
+target tokens, as a retriever would return them), a question, gold answers and a scoring rule. Samples
+are deterministic: the same tokenizer, seed, task, length and index always give the same sample.
+
+Tasks (haystacks are real public-domain prose from ``draft_rag/bench/data``):
+
+- ``niah_single``: one "special magic number" sentence hidden in the prose; ask for it.
+- ``niah_multikey``: the same plus three distractor needles with other keys.
+- ``niah_multivalue``: four numbers for the same key; ask for all of them (partial credit).
+- ``variable_tracking``: a chain ``VAR A = 12345``, ``VAR B = VAR A``... spread through the prose; ask
+  for every variable that holds the value (partial credit).
+- ``common_words``: a numbered word list where ten words appear far more often; ask for those ten
+  (partial credit).
+- ``qa``: three short fact sentences about invented people (where something was hidden, what it
+  cost) inserted into the prose; one is asked about in plain language, the others distract.
+
+Scoring follows RULER's string match: a gold answer counts when it occurs in the prediction
+(case-insensitive); tasks with several answers score the fraction found.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+DATA_DIR = Path(__file__).parent / "data"
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words", "qa")
+
+ADJECTIVES = (
+    "amber", "brave", "calm", "dusty", "eager", "fancy", "gentle", "hollow", "icy", "jolly", "keen",
+    "lucky", "misty", "noble", "olive", "proud", "quiet", "rapid", "silver", "tidy", "upper", "vivid",
+    "witty", "young", "zesty", "bitter", "crimson", "frozen", "golden", "humble",
+)
+NOUNS = (
+    "anchor", "badger", "candle", "dolphin", "engine", "falcon", "garden", "harbor", "island", "jacket",
+    "kettle", "lantern", "meadow", "needle", "orchid", "pepper", "quarry", "rocket", "saddle", "teapot",
+    "umbrella", "violin", "walrus", "yarrow", "zeppelin", "compass", "feather", "mirror", "pebble", "tunnel",
+)
+FIRST_NAMES = (
+    "Ada", "Bertram", "Cornelia", "Dorian", "Eudora", "Fenwick", "Griselda", "Horatio", "Imogen", "Jasper",
+    "Lavinia", "Mortimer", "Octavia", "Percival", "Rosalind", "Silas", "Thaddeus", "Winifred",
+)
+LAST_NAMES = (
+    "Ashcombe", "Blackwood", "Crane", "Dunmore", "Everly", "Fairweather", "Greaves", "Hollis", "Marchbank",
+    "Pemberton", "Quill", "Ravenscroft", "Sedgwick", "Thornbury", "Whitlock",
+)
+THINGS = (
+    "silver spoon", "brass key", "pocket watch", "velvet purse", "map of the county", "wooden flute",
+    "signet ring", "bundle of letters", "copper kettle", "leather journal", "glass inkwell", "iron lantern",
+)
+PLACES = (
+    "cellar", "bell tower", "orchard", "boathouse", "chapel", "granary", "hayloft", "pantry", "stable",
+    "greenhouse", "attic", "smokehouse", "dovecote", "millpond",
+)
+CURRENCIES = ("shillings", "guineas", "florins", "crowns")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One benchmark question over long context.
+
+    Args:
+        task, length, sample_id: which task, requested length (prompt tokens) and index it was made with.
+        instruction: the task's preface, placed before the documents.
+        documents: the context, split into retriever-sized chunks.
+        question: what is asked after the documents (also the query given to compressors).
+        answers: gold answer strings.
+        metric: ``"all"`` scores the fraction of ``answers`` found in the prediction; ``"any"`` scores 1
+            when one of them is found.
+        max_new_tokens: enough for a correct answer.
+    """
+
+    task: str
+    length: int
+    sample_id: int
+    instruction: str
+    documents: list[str]
+    question: str
+    answers: list[str]
+    metric: Literal["all", "any"] = "all"
+    max_new_tokens: int = 32
+
+    def score(self, prediction: str) -> float:
+        """RULER string match of ``prediction`` against the gold answers, in [0, 1]."""
+        return string_match(prediction, self.answers, self.metric)
+
+    def prompt(self, documents: list[str] | None = None) -> str:
+        """The user message for the target: instruction, documents (default: all of them), question."""
+        chosen = self.documents if documents is None else documents
+        return build_prompt(self.instruction, chosen, self.question)
+
+
+def string_match(prediction: str, answers: list[str], metric: Literal["all", "any"] = "all") -> float:
+    """Case-insensitive substring match: fraction of answers found (``"all"``) or any found (``"any"``)."""
+    found = [answer.lower() in prediction.lower() for answer in answers]
+    if not found:
+        return 0.0
+    return float(any(found)) if metric == "any" else sum(found) / len(found)
+
+
+def build_prompt(instruction: str, documents: list[str], question: str) -> str:
+    """Join instruction, numbered documents and question into one user message."""
+    blocks = [f"[Document {i + 1}]\n{doc}" for i, doc in enumerate(documents)]
+    return "\n\n".join([instruction, *blocks, f"Question: {question}\nAnswer briefly."])
+
+
+@functools.lru_cache(maxsize=1)
+def prose_sentences() -> tuple[str, ...]:
+    """The sentences of the bundled public-domain books, in reading order, whitespace normalised."""
+    sentences: list[str] = []
+    for path in sorted(DATA_DIR.glob("*.txt")):
+        for paragraph in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")):
+            text = " ".join(paragraph.split())
+            # Titles, headings and verse lines are short; narrative paragraphs are not.
+            if len(text) < 80:
+                continue
+            sentences.extend(s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"“‘'])", text) if s)
+    return tuple(sentences)
+
+
+@functools.lru_cache(maxsize=1)
+def prose_words() -> tuple[str, ...]:
+    """Distinct lowercase words of 5 to 10 letters from the bundled books, sorted (the word pool)."""
+    words = {w.lower() for s in prose_sentences() for w in re.findall(r"\b[A-Za-z]{5,10}\b", s)}
+    return tuple(sorted(words))
+
+
+@dataclass
+class _Draft:
+    """What a task contributes before the haystack is filled in (common words brings its own list)."""
+
+    instruction: str
+    question: str
+    answers: list[str]
+    facts: list[str] = field(default_factory=list)
+    metric: Literal["all", "any"] = "all"
+    max_new_tokens: int = 32
+
+
+class TaskGenerator:
+    """Make benchmark samples whose prompts are about ``length`` target tokens long.
+
+    Args:
+        tokenizer: the target's tokenizer; lengths are counted with it.
+        seed: base seed; each sample is seeded with ``(seed, task, length, index)``.
+        chunk_tokens: approximate size of each context document (default 256 tokens).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, chunk_tokens: int = 256) -> None:
+        if chunk_tokens < 16:
+            msg = f"chunk_tokens must be at least 16, got {chunk_tokens}."
+            raise ValueError(msg)
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.chunk_tokens = chunk_tokens
+        self._sentence_tokens: list[int] | None = None
+
+    def samples(self, task: str, length: int, count: int) -> list[Sample]:
+        """``count`` samples of ``task`` at ``length`` tokens (indices ``0 .. count-1``)."""
+        return [self.sample(task, length, index) for index in range(count)]
+
+    def sample(self, task: str, length: int, index: int) -> Sample:
+        """The sample number ``index`` of ``task`` at ``length`` prompt tokens."""
+        if task not in TASKS:
+            msg = f"Unknown task {task!r}; choose from {', '.join(TASKS)}."
+            raise ValueError(msg)
+        rng = random.Random(f"{self.seed}/{task}/{length}/{index}")
+        draft = _TASK_BUILDERS[task](rng)
+        # The chat template adds about 16 tokens; each document adds a "[Document i]" header.
+        overhead = self._count(build_prompt(draft.instruction, [], draft.question)) + 16
+        header = self._count("\n\n[Document 10]\n")
+        context_tokens = (length - overhead) * self.chunk_tokens // (self.chunk_tokens + header)
+        fact_tokens = sum(self._count(f) for f in draft.facts)
+        if context_tokens < fact_tokens + 64:
+            msg = (
+                f"length {length} is too short for task {task!r}; "
+                f"use at least {length + fact_tokens + 64 - context_tokens} tokens."
+            )
+            raise ValueError(msg)
+        answers = draft.answers
+        if task == "common_words":
+            units, answers = _common_word_units(rng, context_tokens, self._count)
+        else:
+            units = self._haystack(rng, context_tokens - fact_tokens)
+            # Sorted depths keep the facts in their given order (variable-tracking chains read forwards).
+            depths = sorted(rng.randrange(len(units) + 1) for _ in draft.facts)
+            for offset, (depth, fact) in enumerate(zip(depths, draft.facts, strict=True)):
+                units.insert(depth + offset, fact)
+        return Sample(
+            task=task,
+            length=length,
+            sample_id=index,
+            instruction=draft.instruction,
+            documents=self._chunk(units),
+            question=draft.question,
+            answers=answers,
+            metric=draft.metric,
+            max_new_tokens=draft.max_new_tokens,
+        )
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _haystack(self, rng: random.Random, tokens: int) -> list[str]:
+        """Consecutive prose sentences from a random starting point, about ``tokens`` tokens in all."""
+        sentences = prose_sentences()
+        if self._sentence_tokens is None:
+            ids = self.tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]
+            self._sentence_tokens = [len(x) for x in ids]
+        position = rng.randrange(len(sentences))
+        units: list[str] = []
+        total = 0
+        while total < tokens:
+            total += self._sentence_tokens[position]
+            units.append(sentences[position])
+            position = (position + 1) % len(sentences)
+        return units
+
+    def _chunk(self, units: list[str]) -> list[str]:
+        """Group consecutive units into documents of about ``chunk_tokens`` tokens."""
+        documents: list[list[str]] = [[]]
+        size = 0
+        for unit in units:
+            tokens = self._count(" " + unit)
+            if documents[-1] and size + tokens > self.chunk_tokens:
+                documents.append([])
+                size = 0
+            documents[-1].append(unit)
+            size += tokens
+        return [" ".join(doc) for doc in documents]
+
+
+def _key(rng: random.Random) -> str:
+    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+
+
+def _number(rng: random.Random) -> str:
+    return str(rng.randrange(1_000_000, 10_000_000))
+
+
+NIAH_INSTRUCTION = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+    "I will quiz you about the numbers afterwards."
+)
+
+
+def _needle(key: str, value: str) -> str:
+    return f"One of the special magic numbers for {key} is: {value}."
+
+
+def _niah_single(rng: random.Random) -> _Draft:
+    key, value = _key(rng), _number(rng)
+    question = f"What is the special magic number for {key} mentioned in the provided text?"
+    return _Draft(NIAH_INSTRUCTION, question, [value], facts=[_needle(key, value)])
+
+
+def _niah_multikey(rng: random.Random) -> _Draft:
+    keys: list[str] = []
+    while len(keys) < 4:
+        key = _key(rng)
+        if key not in keys:
+            keys.append(key)
+    values = [_number(rng) for _ in keys]
+    facts = [_needle(k, v) for k, v in zip(keys, values, strict=True)]
+    rng.shuffle(facts)
+    question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
+    return _Draft(NIAH_INSTRUCTION, question, [values[0]], facts=facts)
+
+
+def _niah_multivalue(rng: random.Random) -> _Draft:
+    key = _key(rng)
+    values = [_number(rng) for _ in range(4)]
+    question = f"What are all the special magic numbers for {key} mentioned in the provided text?"
+    return _Draft(NIAH_INSTRUCTION, question, values, facts=[_needle(key, v) for v in values],
+                  max_new_tokens=64)
+
+
+def _variable_tracking(rng: random.Random) -> _Draft:
+    names: list[str] = []
+    while len(names) < 5:
+        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        if name not in names:
+            names.append(name)
+    value = str(rng.randrange(10_000, 100_000))
+    facts = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in itertools.pairwise(names)]
+    instruction = "Memorize and track the chain(s) of variable assignment hidden in the following text."
+    question = f"Find all variables that are assigned the value {value} in the text above."
+    return _Draft(instruction, question, names, facts=facts, max_new_tokens=48)
+
+
+def _common_words(rng: random.Random) -> _Draft:
+    instruction = (
+        "Below is a numbered list of words. In these words, some appear more often than others. "
+        "Memorize the ones that appear most often."
+    )
+    question = "What are the 10 most common words in the above list?"
+    return _Draft(instruction, question, [], max_new_tokens=96)
+
+
+def _common_word_units(
+    rng: random.Random, tokens: int, count: Callable[[str], int]
+) -> tuple[list[str], list[str]]:
+    """A shuffled numbered word list of about ``tokens`` tokens, and its ten common words.
+
+    As in RULER, at 4k tokens each common word appears about 30 times and the others 3 times; the
+    common frequency scales with the list length so the gap stays clear at every length.
+    """
+    pool = prose_words()
+    per_entry = sum(count(f" 500. {word}") for word in rng.sample(pool, 32)) / 32
+    entries = max(40, int(tokens / per_entry))
+    common_freq = max(6, round(0.3 * entries / 10))
+    words = rng.sample(pool, 10 + max(0, (entries - 10 * common_freq) // 3))
+    listing = [w for w in words[:10] for _ in range(common_freq)]
+    listing += [w for w in words[10:] for _ in range(3)]
+    rng.shuffle(listing)
+    return [f"{i + 1}. {word}" for i, word in enumerate(listing)], words[:10]
+
+
+def _qa(rng: random.Random) -> _Draft:
+    people = rng.sample([f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES], 3)
+    things = rng.sample(THINGS, 3)
+    places = rng.sample(PLACES, 3)
+    prices = rng.sample(range(11, 99), 3)
+    currency = rng.choice(CURRENCIES)
+    if rng.random() < 0.5:
+        trios = zip(people, things, places, strict=True)
+        facts = [f"That autumn {p} hid the {t} in the {w}." for p, t, w in trios]
+        question, answer = f"Where did {people[0]} hide the {things[0]}?", places[0]
+    else:
+        purchases = zip(people, things, prices, strict=True)
+        facts = [f"{p} paid {n} {currency} for the {t}." for p, t, n in purchases]
+        question, answer = f"How many {currency} did {people[0]} pay for the {things[0]}?", str(prices[0])
+    rng.shuffle(facts)
+    instruction = "Read the following passages from old books and answer the question after them."
+    return _Draft(instruction, question, [answer], facts=facts, metric="any")
+
+
+_TASK_BUILDERS: dict[str, Callable[[random.Random], _Draft]] = {
+    "niah_single": _niah_single,
+    "niah_multikey": _niah_multikey,
+    "niah_multivalue": _niah_multivalue,
+    "variable_tracking": _variable_tracking,
+    "common_words": _common_words,
+    "qa": _qa,
+}

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from draft_rag.bench.methods import Outcome, build_methods
+from draft_rag.bench.report import accuracy_table, latency_table, plot_accuracy, write_summary
+from draft_rag.bench.runner import RESULTS_FILE, BenchConfig, peak_rss, plan, read_rows, run_bench
+from draft_rag.bench.tasks import TaskGenerator
+from tests.tiny import tiny_tokenizer
+
+
+@dataclass
+class FakeMethod:
+    """Answers correctly when the budget is at least ``needs`` (always for the unbudgeted reference)."""
+
+    name: str
+    needs: int = 0
+    budgeted: bool = True
+    calls: list[tuple[str, int, int | None]] = field(default_factory=list)
+
+    def run(self, sample, budget):
+        self.calls.append((sample.task, sample.sample_id, budget))
+        right = budget is None or budget >= self.needs
+        answer = " ".join(sample.answers) if right else "no idea"
+        return Outcome(answer, 0.5 if self.budgeted else 0.0, 1.0, 100, 2048, budget or 900)
+
+
+def _methods():
+    return {"full": FakeMethod("full", budgeted=False), "specpc": FakeMethod("specpc", needs=128),
+            "speckv": FakeMethod("speckv")}
+
+
+CONFIG = BenchConfig(tasks=["niah_single", "qa"], lengths=[600], budgets=[64, 128], kv_budgets=[32], samples=2)
+
+
+def test_plan_runs_full_once_per_sample_and_kv_methods_at_kv_budgets():
+    jobs = plan(CONFIG, _methods())
+    assert len(jobs) == 2 * 2 * (1 + 2 + 1)
+    assert sum(job[3] == "full" for job in jobs) == 4
+    assert {job[4] for job in jobs if job[3] == "speckv"} == {32}
+    # Sample-major: all of sample 0 before any of sample 1.
+    assert max(i for i, job in enumerate(jobs) if job[2] == 0) < min(i for i, job in enumerate(jobs) if job[2] == 1)
+
+
+def test_rows_are_written_and_a_rerun_recomputes_nothing(tmp_path):
+    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
+    methods = _methods()
+    rows = run_bench(CONFIG, methods, generator, tmp_path, progress=False)
+    assert len(rows) == 16 == len(read_rows(tmp_path / RESULTS_FILE))
+    keys = {"task", "length", "sample_id", "method", "budget", "accuracy", "compress_s", "answer_s",
+            "peak_rss_mb", "kv_bytes", "prompt_tokens", "answer"}
+    assert keys <= set(rows[0])
+    by_setting = {(r["method"], r["budget"]): r["accuracy"] for r in rows if r["task"] == "niah_single"}
+    assert by_setting[("specpc", 64)] == 0.0 and by_setting[("specpc", 128)] == 1.0
+    assert by_setting[("full", None)] == 1.0
+
+    again = _methods()
+    assert len(run_bench(CONFIG, again, generator, tmp_path, progress=False)) == 16
+    assert all(not m.calls for m in again.values())
+
+
+def test_an_interrupted_run_resumes_with_the_missing_rows(tmp_path):
+    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
+    run_bench(CONFIG, _methods(), generator, tmp_path, progress=False)
+    path = tmp_path / RESULTS_FILE
+    lines = path.read_text().splitlines()
+    # Drop the last three rows and leave a half-written line, as a killed run would.
+    path.write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:20])
+    methods = _methods()
+    rows = run_bench(CONFIG, methods, generator, tmp_path, progress=False)
+    assert sum(len(m.calls) for m in methods.values()) == 3
+    assert len(rows) == 16
+    assert len({(r["task"], r["sample_id"], r["method"], r["budget"]) for r in rows}) == 16
+
+
+def _row(task, method, budget, accuracy, total_s, sample_id=0):
+    return {"task": task, "length": 4096, "sample_id": sample_id, "method": method, "budget": budget,
+            "accuracy": accuracy, "compress_s": 0.0, "answer_s": total_s, "total_s": total_s,
+            "peak_rss_mb": 100.0, "kv_bytes": 2**20, "prompt_tokens": 50}
+
+
+ROWS = [
+    _row("qa", "full", None, 1.0, 10.0), _row("qa", "full", None, 1.0, 30.0, sample_id=1),
+    _row("qa", "specpc", 512, 1.0, 4.0), _row("qa", "specpc", 512, 0.0, 6.0, sample_id=1),
+    _row("vt", "full", None, 0.5, 20.0), _row("vt", "specpc", 512, 0.25, 5.0),
+]
+
+
+def test_accuracy_table_averages_per_task_and_method():
+    table = accuracy_table(ROWS, 4096)
+    lines = table.splitlines()
+    assert lines[0] == "| method @ budget | qa | vt | mean |"
+    assert lines[2] == "| full | 100.0 (n=2) | 50.0 (n=1) | 75.0 |"
+    assert lines[3] == "| specpc @ 512 | 50.0 (n=2) | 25.0 (n=1) | 37.5 |"
+
+
+def test_latency_ratios_use_the_same_samples_as_full():
+    line = latency_table(ROWS, 4096).splitlines()[3]
+    # specpc: (4 + 6 + 5) s over full's (10 + 30 + 20) s on the same three samples.
+    assert line.startswith("| specpc @ 512 | 0.25x | 0.25x |")
+
+
+def test_summary_and_plot_files(tmp_path):
+    summary = write_summary(ROWS, tmp_path, notes=["draft tiny"], skipped={"llmlingua": "not installed"})
+    text = summary.read_text()
+    assert "## 4096 tokens: accuracy (%)" in text and "`llmlingua` skipped: not installed" in text
+    png = plot_accuracy(ROWS, tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peak_rss_sees_a_short_lived_allocation():
+    with peak_rss(interval=0.001) as peak:
+        before = peak[0]
+        block = np.ones(64 * 2**20 // 8)
+        block.sum()
+        del block
+    assert peak[0] >= before + 48 * 2**20
+
+
+def test_build_methods_rejects_unknown_names_and_explains_skips(tiny_pair):
+    draft, target = tiny_pair
+    with pytest.raises(ValueError, match="Unknown method"):
+        build_methods(["specpc", "magic"], draft=draft, target=target)
+    methods, skipped = build_methods(["truncate", "llmlingua"], draft=draft, target=target)
+    assert list(methods) == ["full", "truncate"]
+    assert "transformers==4.44.2" in skipped["llmlingua"]
+
+
+def test_results_rows_are_json_lines(tmp_path):
+    run_bench(CONFIG, _methods(), TaskGenerator(tiny_tokenizer(), chunk_tokens=64), tmp_path, progress=False)
+    for line in (tmp_path / RESULTS_FILE).read_text().splitlines():
+        assert isinstance(json.loads(line)["accuracy"], float)

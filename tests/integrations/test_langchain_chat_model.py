@@ -10,10 +10,10 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from draft_rag import SpecKV
+from tests.integrations.conftest import ENGINE_SETTINGS
 from tests.integrations.heartbeat import assert_loop_kept_ticking, ticks_during
 
-SETTINGS = {"method": "speckv", "budget": 16, "window_size": 4}
+SETTINGS = ENGINE_SETTINGS
 MESSAGES = [
     SystemMessage("Answer with the number only."),
     HumanMessage("What is the special magic number for the word apple? The quick brown fox. " * 3),
@@ -41,12 +41,6 @@ class TestChatDraftRAGStandard(ChatModelUnitTests):
         params = super().standard_chat_model_params
         del params["api_key"], params["timeout"], params["max_retries"]
         return params
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_pair):
-    draft, target = tiny_pair
-    return SpecKV(target=target, draft=draft, **SETTINGS)
 
 
 @pytest.fixture

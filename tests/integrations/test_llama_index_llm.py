@@ -7,23 +7,17 @@ import asyncio
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
-from draft_rag import SpecKV
+from tests.integrations.conftest import ENGINE_SETTINGS
 from tests.integrations.heartbeat import assert_loop_kept_ticking, ticks_during
 from tests.integrations.test_compression_adapters import QUERY, SPECPC_KWARGS, TEXTS, count
 
-SETTINGS = {"method": "speckv", "budget": 16, "window_size": 4}
+SETTINGS = ENGINE_SETTINGS
 PROMPT = "What is the special magic number for the word apple? The quick brown fox. " * 3
 MESSAGES = [
     ChatMessage(role=MessageRole.SYSTEM, content="Answer with the number only."),
     ChatMessage(role=MessageRole.USER, content=PROMPT),
 ]
 AS_DICTS = [{"role": "system", "content": "Answer with the number only."}, {"role": "user", "content": PROMPT}]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_pair):
-    draft, target = tiny_pair
-    return SpecKV(target=target, draft=draft, **SETTINGS)
 
 
 @pytest.fixture

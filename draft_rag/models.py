@@ -15,10 +15,10 @@ import importlib.util
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -95,6 +95,28 @@ def default_attn_implementation(device: str) -> str:
     if str(device).startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+T = TypeVar("T")
+
+
+class Lazy(Generic[T]):
+    """A value built on first use, exactly once even when threads race for it.
+
+    The framework adapters keep their SpecPC/SpecKV object in one, so that constructing an adapter loads
+    no model and concurrent first calls share one object (and with it one model lock).
+    """
+
+    def __init__(self) -> None:
+        self._value: T | None = None
+        self._lock = threading.Lock()
+
+    def get(self, build: Callable[[], T]) -> T:
+        """The value, built with ``build()`` if this is the first call."""
+        with self._lock:
+            if self._value is None:
+                self._value = build()
+            return self._value
 
 
 _LOADED: dict[tuple[str, str, str, str], LoadedModel] = {}

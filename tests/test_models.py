@@ -109,3 +109,24 @@ def test_concurrent_first_use_is_safe(fake_packages, tmp_path):
 
 def test_loaded_model_reports_context(tiny_qwen):
     assert isinstance(tiny_qwen, LoadedModel) and tiny_qwen.max_context == 4096
+
+
+def test_lazy_builds_once_when_threads_race():
+    import threading
+    import time
+
+    lazy: models.Lazy[object] = models.Lazy()
+    builds = []
+
+    def build():
+        builds.append(1)
+        time.sleep(0.05)
+        return object()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(lazy.get(build))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len({id(r) for r in results}) == 1

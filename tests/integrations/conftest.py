@@ -22,3 +22,21 @@ def engine(tiny_pair):
 
     draft, target = tiny_pair
     return SpecKV(target=target, draft=draft, **ENGINE_SETTINGS)
+
+
+def assert_models_load_on_first_call(monkeypatch, tiny_pair, make_adapter, call):
+    """Constructing ``make_adapter(target_name, draft_name)`` loads nothing; the first ``call(adapter)`` loads both."""
+    import draft_rag.speckv
+
+    draft, target = tiny_pair
+    loads = []
+
+    def fake_load(name, **kwargs):
+        loads.append(name)
+        return {"some-target": target, "some-draft": draft}[name]
+
+    monkeypatch.setattr(draft_rag.speckv, "load_model", fake_load)
+    adapter = make_adapter("some-target", "some-draft")
+    assert loads == []
+    call(adapter)
+    assert loads == ["some-target", "some-draft"]

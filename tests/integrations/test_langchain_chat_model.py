@@ -10,7 +10,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from tests.integrations.conftest import ENGINE_SETTINGS
+from tests.integrations.conftest import ENGINE_SETTINGS, assert_models_load_on_first_call
 from tests.integrations.heartbeat import assert_loop_kept_ticking, ticks_during
 
 SETTINGS = ENGINE_SETTINGS
@@ -131,17 +131,9 @@ def test_rejects_what_it_cannot_read(chat):
 def test_construction_loads_no_model(tiny_pair, monkeypatch):
     from langchain_draft_rag import ChatDraftRAG
 
-    import draft_rag.speckv
-
-    draft, target = tiny_pair
-    loads = []
-
-    def fake_load(name, **kwargs):
-        loads.append(name)
-        return {"some-target": target, "some-draft": draft}[name]
-
-    monkeypatch.setattr(draft_rag.speckv, "load_model", fake_load)
-    chat = ChatDraftRAG(model="some-target", draft="some-draft", max_tokens=2, **SETTINGS)
-    assert loads == []
-    chat.invoke(MESSAGES)
-    assert loads == ["some-target", "some-draft"]
+    assert_models_load_on_first_call(
+        monkeypatch,
+        tiny_pair,
+        lambda target, draft: ChatDraftRAG(model=target, draft=draft, max_tokens=2, **SETTINGS),
+        lambda chat: chat.invoke(MESSAGES),
+    )

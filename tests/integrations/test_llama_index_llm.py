@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
-from tests.integrations.conftest import ENGINE_SETTINGS
+from tests.integrations.conftest import ENGINE_SETTINGS, assert_models_load_on_first_call
 from tests.integrations.heartbeat import assert_loop_kept_ticking, ticks_during
 from tests.integrations.test_compression_adapters import QUERY, SPECPC_KWARGS, TEXTS, count
 
@@ -93,20 +93,12 @@ def test_per_call_options_and_metadata(llm):
 def test_construction_loads_no_model(tiny_pair, monkeypatch):
     from llama_index.llms.draft_rag import DraftRAGLLM
 
-    import draft_rag.speckv
-
-    draft, target = tiny_pair
-    loads = []
-
-    def fake_load(name, **kwargs):
-        loads.append(name)
-        return {"some-target": target, "some-draft": draft}[name]
-
-    monkeypatch.setattr(draft_rag.speckv, "load_model", fake_load)
-    llm = DraftRAGLLM(target="some-target", draft="some-draft", max_new_tokens=2, **SETTINGS)
-    assert loads == []
-    llm.complete(PROMPT)
-    assert loads == ["some-target", "some-draft"]
+    assert_models_load_on_first_call(
+        monkeypatch,
+        tiny_pair,
+        lambda target, draft: DraftRAGLLM(target=target, draft=draft, max_new_tokens=2, **SETTINGS),
+        lambda llm: llm.complete(PROMPT),
+    )
 
 
 def test_query_engine_with_postprocessor_and_llm(tiny_pair, tiny_draft):

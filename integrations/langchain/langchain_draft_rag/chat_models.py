@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -13,7 +12,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, Lazy
 
 if TYPE_CHECKING:
     from draft_rag import GenerationResult, SpecKV
@@ -105,8 +104,7 @@ class ChatDraftRAG(BaseChatModel):
     speckv_kwargs: dict[str, Any] = Field(default_factory=dict)
     """More ``draft_rag.SpecKV`` settings, e.g. ``{"kernel_size": 7}``."""
 
-    _engine: SpecKV | None = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _engine: Lazy[SpecKV] = PrivateAttr(default_factory=Lazy)
 
     @property
     def _llm_type(self) -> str:
@@ -144,15 +142,14 @@ class ChatDraftRAG(BaseChatModel):
     @property
     def engine(self) -> SpecKV:
         """The underlying :class:`draft_rag.SpecKV`, built on first access."""
-        with self._lock:
-            if self._engine is None:
-                from draft_rag import SpecKV
+        from draft_rag import SpecKV
 
-                self._engine = SpecKV(
-                    target=self.target, draft=self.draft, method=self.method, budget=self.budget,
-                    window_size=self.window_size, **self.speckv_kwargs,
-                )
-            return self._engine
+        return self._engine.get(
+            lambda: SpecKV(
+                target=self.target, draft=self.draft, method=self.method, budget=self.budget,
+                window_size=self.window_size, **self.speckv_kwargs,
+            )
+        )
 
     def _generation_kwargs(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``SpecKV.generate`` keyword arguments: the instance's settings overridden by per-call ones."""

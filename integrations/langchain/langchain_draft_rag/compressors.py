@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +9,7 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from draft_rag.models import DEFAULT_DRAFT
+from draft_rag.models import DEFAULT_DRAFT, Lazy
 
 if TYPE_CHECKING:
     from draft_rag import SpecPC
@@ -90,21 +89,19 @@ class DraftContextCompressor(BaseDocumentCompressor):
     specpc_kwargs: dict[str, Any] = Field(default_factory=dict)
     """More ``draft_rag.SpecPC`` settings, e.g. ``{"window_size": 64, "neighbor_tokens": 32}``."""
 
-    _specpc: SpecPC | None = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _specpc: Lazy[SpecPC] = PrivateAttr(default_factory=Lazy)
 
     @property
     def specpc(self) -> SpecPC:
         """The underlying :class:`draft_rag.SpecPC`, built on first access (its model loads on first use)."""
-        with self._lock:
-            if self._specpc is None:
-                from draft_rag import SpecPC
+        from draft_rag import SpecPC
 
-                self._specpc = SpecPC(
-                    draft=self.draft, budget=self.budget, target_tokenizer=self.target_tokenizer,
-                    **self.specpc_kwargs,
-                )
-            return self._specpc
+        return self._specpc.get(
+            lambda: SpecPC(
+                draft=self.draft, budget=self.budget, target_tokenizer=self.target_tokenizer,
+                **self.specpc_kwargs,
+            )
+        )
 
     def compress_documents(
         self,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,7 +26,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, Lazy
 
 if TYPE_CHECKING:
     from draft_rag import GenerationResult, SpecKV
@@ -77,8 +76,7 @@ class DraftRAGLLM(CustomLLM):
     context_window: int = Field(default=32768, gt=0, description="The target's context length, in tokens.")
     speckv_kwargs: dict[str, Any] = Field(default_factory=dict, description="More draft_rag.SpecKV settings.")
 
-    _engine: SpecKV | None = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _engine: Lazy[SpecKV] = PrivateAttr(default_factory=Lazy)
 
     @classmethod
     def class_name(cls) -> str:
@@ -97,15 +95,14 @@ class DraftRAGLLM(CustomLLM):
     @property
     def engine(self) -> SpecKV:
         """The underlying :class:`draft_rag.SpecKV`, built on first access."""
-        with self._lock:
-            if self._engine is None:
-                from draft_rag import SpecKV
+        from draft_rag import SpecKV
 
-                self._engine = SpecKV(
-                    target=self.target, draft=self.draft, method=self.method, budget=self.budget,
-                    window_size=self.window_size, **self.speckv_kwargs,
-                )
-            return self._engine
+        return self._engine.get(
+            lambda: SpecKV(
+                target=self.target, draft=self.draft, method=self.method, budget=self.budget,
+                window_size=self.window_size, **self.speckv_kwargs,
+            )
+        )
 
     def _generation_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``SpecKV.generate`` keyword arguments: the instance's settings overridden by per-call ones.

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
-from draft_rag.models import DEFAULT_DRAFT
+from draft_rag.models import DEFAULT_DRAFT, Lazy
 
 if TYPE_CHECKING:
     from draft_rag import SpecPC
@@ -51,8 +50,7 @@ class DraftNodePostprocessor(BaseNodePostprocessor):
     metadata_key: str = Field(default="draft_rag", description="Metadata entry for the compression details.")
     specpc_kwargs: dict[str, Any] = Field(default_factory=dict, description="More draft_rag.SpecPC settings.")
 
-    _specpc: SpecPC | None = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _specpc: Lazy[SpecPC] = PrivateAttr(default_factory=Lazy)
 
     @classmethod
     def class_name(cls) -> str:
@@ -61,15 +59,14 @@ class DraftNodePostprocessor(BaseNodePostprocessor):
     @property
     def specpc(self) -> SpecPC:
         """The underlying :class:`draft_rag.SpecPC`, built on first access (its model loads on first use)."""
-        with self._lock:
-            if self._specpc is None:
-                from draft_rag import SpecPC
+        from draft_rag import SpecPC
 
-                self._specpc = SpecPC(
-                    draft=self.draft, budget=self.budget, target_tokenizer=self.target_tokenizer,
-                    **self.specpc_kwargs,
-                )
-            return self._specpc
+        return self._specpc.get(
+            lambda: SpecPC(
+                draft=self.draft, budget=self.budget, target_tokenizer=self.target_tokenizer,
+                **self.specpc_kwargs,
+            )
+        )
 
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None

@@ -1,6 +1,7 @@
 """draft-rag: a small draft model decides what a large target model needs to read.
 
 - :class:`SpecPC` compresses retrieved documents to the spans the draft attends to (text out, any target).
+- :class:`DraftCache` keeps each document's draft K/V across queries, so SpecPC's draft reads only the question.
 - :class:`SpecKV` evicts the target's KV cache guided by a draft answer during generation.
 
 Names are imported lazily so that ``import draft_rag`` does not import torch.
@@ -17,6 +18,7 @@ _EXPORTS = {
     "SpecPC": "draft_rag.specpc",
     "CompressionResult": "draft_rag.specpc",
     "CompressedDocument": "draft_rag.specpc",
+    "DraftCache": "draft_rag.draft_cache",
     "SpecKV": "draft_rag.speckv",
     "GenerationResult": "draft_rag.speckv",
     "LoadedModel": "draft_rag.models",
@@ -27,6 +29,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from draft_rag.draft_cache import DraftCache
     from draft_rag.models import LoadedModel, load_model
     from draft_rag.scoring import ObserverScores, ScoreReduction
     from draft_rag.speckv import GenerationResult, SpecKV

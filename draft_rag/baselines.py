@@ -4,8 +4,9 @@
 - :class:`EmbeddingFilter` ranks the documents by sentence-embedding similarity to the query and keeps
   the best ones until the budget is full (all-MiniLM-L6-v2 by default).
 
-Budgets count the tokens of the kept source text with ``tokenizer`` (the target's, so every method is
-measured in the same unit); an elision marker, where text was cut, is not counted.
+Budgets are counted as SpecPC counts them, so every method is measured in the same unit: the tokens of
+each document's output text with ``tokenizer`` (the target's), the elision markers where text was cut
+included. When markers push the text over the budget, fewer source tokens are kept.
 """
 
 from __future__ import annotations
@@ -15,20 +16,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from draft_rag.specpc import CompressedDocument, CompressionResult, join_spans
+from draft_rag.scoring import check_int
+from draft_rag.specpc import (
+    ELISION_MARKER,
+    CompressedDocument,
+    CompressionResult,
+    fit_to_budget,
+    join_spans,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-ELISION = " … "
-
 
 @dataclass
 class Truncation:
-    """Keep the first ``budget // 2`` and the last ``budget - budget // 2`` context tokens.
+    """Keep the first and the last context tokens, half the budget each.
 
     The documents are read as one sequence; whole documents in the middle are dropped and at most two
     documents are cut (one keeps a prefix, one a suffix). The classic "truncate the middle" baseline.
+    The elision markers where text was cut count against the budget, so a few fewer source tokens fit.
 
     Args:
         tokenizer: counts tokens (the target's tokenizer).
@@ -39,23 +46,28 @@ class Truncation:
     budget: int = 1024
 
     def __post_init__(self) -> None:
-        _check_budget(self.budget)
+        check_int("budget", self.budget, 1)
 
     def compress(self, query: str, documents: Sequence[str]) -> CompressionResult:
         """Keep the head and the tail of ``documents`` within the budget; ``query`` is not used."""
         started = time.perf_counter()
         offsets = [_offsets(self.tokenizer, doc) for doc in documents]
         total = sum(len(o) for o in offsets)
-        head = min(self.budget // 2, total)
-        tail_start = max(head, total - (self.budget - self.budget // 2))
-        compressed: list[CompressedDocument] = []
-        seen = 0
-        for doc, doc_offsets in zip(documents, offsets, strict=True):
-            n = len(doc_offsets)
-            keep = [i for i in range(n) if seen + i < head or seen + i >= tail_start]
-            seen += n
-            compressed.append(_keep_tokens(doc, doc_offsets, keep))
-        return CompressionResult(compressed, query, self.budget, time.perf_counter() - started)
+
+        def build(keep: int) -> list[CompressedDocument]:
+            head = min(keep // 2, total)
+            tail_start = max(head, total - (keep - keep // 2))
+            compressed: list[CompressedDocument] = []
+            seen = 0
+            for doc, doc_offsets in zip(documents, offsets, strict=True):
+                n = len(doc_offsets)
+                kept = [i for i in range(n) if seen + i < head or seen + i >= tail_start]
+                seen += n
+                compressed.append(_keep_tokens(self.tokenizer, doc, doc_offsets, kept))
+            return compressed
+
+        kept = fit_to_budget(build, self.budget)
+        return CompressionResult(kept, query, self.budget, time.perf_counter() - started)
 
 
 @dataclass
@@ -80,7 +92,7 @@ class EmbeddingFilter:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        _check_budget(self.budget)
+        check_int("budget", self.budget, 1)
         self._embed: Callable[[list[str]], Any] | None = self.model if callable(self.model) else None
 
     def compress(self, query: str, documents: Sequence[str]) -> CompressionResult:
@@ -92,20 +104,22 @@ class EmbeddingFilter:
         if not documents:
             return CompressionResult([], query, self.budget, time.perf_counter() - started)
         vectors = np.asarray(self.embedder()([query, *documents]), dtype=np.float32)
-        similarity = vectors[1:] @ vectors[0]
-        compressed: dict[int, CompressedDocument] = {}
-        left = self.budget
-        for index in np.argsort(-similarity, kind="stable"):
-            doc = documents[index]
-            doc_offsets = _offsets(self.tokenizer, doc)
-            keep = list(range(min(left, len(doc_offsets))))
-            left -= len(keep)
-            kept = _keep_tokens(doc, doc_offsets, keep)
-            compressed[int(index)] = CompressedDocument(
-                kept.text, kept.spans, kept.kept_tokens, kept.original_tokens, float(similarity[index])
-            )
-        in_order = [compressed[i] for i in range(len(documents))]
-        return CompressionResult(in_order, query, self.budget, time.perf_counter() - started)
+        similarity = [float(s) for s in vectors[1:] @ vectors[0]]
+        best_first = sorted(range(len(documents)), key=lambda i: -similarity[i])
+        offsets = [_offsets(self.tokenizer, doc) for doc in documents]
+
+        def build(keep: int) -> list[CompressedDocument]:
+            allowance = [0] * len(documents)
+            for index in best_first:
+                allowance[index] = min(keep, len(offsets[index]))
+                keep -= allowance[index]
+            return [
+                _keep_tokens(self.tokenizer, doc, doc_offsets, list(range(n)), score)
+                for doc, doc_offsets, n, score in zip(documents, offsets, allowance, similarity, strict=True)
+            ]
+
+        kept = fit_to_budget(build, self.budget)
+        return CompressionResult(kept, query, self.budget, time.perf_counter() - started)
 
     def embedder(self) -> Callable[[list[str]], Any]:
         """The embedding function (texts -> unit vectors), loading the model on first use."""
@@ -119,12 +133,6 @@ class EmbeddingFilter:
         return self._embed
 
 
-def _check_budget(budget: int) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        msg = f"budget must be a positive integer (context tokens), got {budget!r}."
-        raise ValueError(msg)
-
-
 def _offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> list[tuple[int, int]]:
     if not text:
         return []
@@ -132,10 +140,18 @@ def _offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> list[tuple[int, i
     return [(int(s), int(e)) for s, e in encoded["offset_mapping"]]
 
 
-def _keep_tokens(source: str, offsets: list[tuple[int, int]], keep: list[int]) -> CompressedDocument:
-    """The document made of the tokens ``keep`` (ascending indices into ``offsets``)."""
+def _keep_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    offsets: list[tuple[int, int]],
+    keep: list[int],
+    score: float = 0.0,
+) -> CompressedDocument:
+    """The document made of the tokens ``keep`` (ascending indices into ``offsets``), its text re-counted."""
+    blank = not source.strip()
     if len(keep) == len(offsets):
-        return CompressedDocument(source, [(0, len(source))] if source else [], len(keep), len(offsets))
+        whole = [(0, len(source))] if source else []
+        return CompressedDocument(source, whole, len(offsets), len(offsets), score, blank)
     spans: list[tuple[int, int]] = []
     for position, index in enumerate(keep):
         start, end = offsets[index]
@@ -146,4 +162,5 @@ def _keep_tokens(source: str, offsets: list[tuple[int, int]], keep: list[int]) -
     # Token spans start with the space before a word; trim it so the spans are the kept text itself.
     spans = [(start + len(source[start:end]) - len(source[start:end].lstrip()), end) for start, end in spans]
     spans = [(start, end) for start, end in spans if start < end]
-    return CompressedDocument(join_spans(source, spans, ELISION), spans, len(keep), len(offsets))
+    text = join_spans(source, spans, ELISION_MARKER)
+    return CompressedDocument(text, spans, len(_offsets(tokenizer, text)), len(offsets), score, blank)

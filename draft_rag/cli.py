@@ -1,4 +1,4 @@
-"""The ``draft-rag`` command line: ``demo``, ``compress``, ``ask`` and ``bench``.
+"""The ``draft-rag`` command line: ``demo``, ``compress``, ``index``, ``ask`` and ``bench``.
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``; those
 modules import torch and transformers only inside ``run`` so that ``draft-rag --help`` stays instant.
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("draft_rag.commands.demo", "offline demo: compress a long document with the packaged draft"),
     "compress": ("draft_rag.commands.compress", "SpecPC: compress documents for a query"),
+    "index": ("draft_rag.commands.index", "encode documents into a draft cache directory for later compressions"),
     "ask": ("draft_rag.commands.ask", "answer a question with SpecKV (or a baseline) KV-cache eviction"),
     "bench": ("draft_rag.bench.command", "benchmark accuracy, latency and memory against baselines"),
 }
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError, ImportError, FileNotFoundError) as error:
+    except (ValueError, TypeError, ImportError, FileNotFoundError, NotImplementedError) as error:
         print(f"draft-rag {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -6,8 +6,11 @@ position explicitly (RoPE stays the original one); the attention mask follows th
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, cast
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,29 +18,105 @@ if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 Messages = list[dict[str, str]]
+ROLES = ("system", "user", "assistant")
 
 
-def as_messages(prompt: str | Sequence[dict[str, str]]) -> Messages:
-    """One prompt as chat messages: a string becomes one user message; a list of role/content dicts is kept.
+def as_messages(prompt: str | Sequence[Mapping[str, Any]]) -> Messages:
+    """One prompt as chat messages ``[{"role", "content"}]``, checked before any model runs.
 
-    A batch (a list of strings or of message lists) raises NotImplementedError.
+    A string becomes one user message. In a list of messages each must be a dict with a ``role`` of
+    ``"system"``, ``"user"`` or ``"assistant"`` and a ``content`` that is a string (``""`` is fine) or a list
+    of OpenAI-style text blocks ``{"type": "text", "text": ...}``, which are joined with newlines. Other
+    blocks (images, audio, files) raise ValueError; other keys of a message are dropped. Text may hold any
+    character, NUL included, except lone surrogates (not encodable Unicode). A batch (a list of strings or
+    of message lists) raises NotImplementedError.
     """
     if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
-        messages = [dict(m) for m in cast("Sequence[dict[str, str]]", prompt)]
-    elif isinstance(prompt, Sequence) and all(isinstance(m, (str, list, tuple)) for m in prompt):
+        messages = [{"role": "user", "content": check_text("prompt", prompt)}]
+    elif isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+        msg = (
+            f"prompt must be a string or a list of {{'role', 'content'}} dicts, got {type(prompt).__name__}; "
+            "decode bytes to str first."
+        )
+        raise TypeError(msg)
+    elif prompt and all(isinstance(m, (str, list, tuple)) for m in prompt):
         msg = "batches of prompts are not supported yet; call generate() once per prompt."
         raise NotImplementedError(msg)
     else:
-        msg = (
-            f"prompt must be a string or a list of {{'role', 'content'}} dicts, got {type(prompt).__name__}."
-        )
-        raise TypeError(msg)
-    if not messages or not any(str(m.get("content", "")).strip() for m in messages):
+        messages = [_message(f"prompt[{i}]", message) for i, message in enumerate(prompt)]
+    if not any(m["content"].strip() for m in messages):
         msg = "prompt is empty; pass the text to answer (a non-empty string or messages with content)."
         raise ValueError(msg)
     return messages
+
+
+def _message(where: str, message: object) -> dict[str, str]:
+    """One checked chat message; ``where`` (``prompt[i]``) names it in errors."""
+    if not isinstance(message, Mapping):
+        msg = f"{where} must be a {{'role', 'content'}} dict, got {type(message).__name__}."
+        raise TypeError(msg)
+    role = message.get("role")
+    if role not in ROLES:
+        msg = (
+            f"{where}['role'] must be one of {', '.join(ROLES)}, got {role!r}; "
+            "map other roles (e.g. tool results) to one of these."
+        )
+        raise ValueError(msg)
+    content = message.get("content")
+    if content is None:
+        msg = f"{where}['content'] is missing or None; give every message its text as a string ('' for none)."
+        raise ValueError(msg)
+    if isinstance(content, list):
+        text = "\n".join(_text_block(f"{where}['content'][{j}]", block) for j, block in enumerate(content))
+    elif isinstance(content, str):
+        text = check_text(f"{where}['content']", content)
+    else:
+        msg = (
+            f"{where}['content'] must be a string or a list of {{'type': 'text', 'text': ...}} blocks, "
+            f"got {type(content).__name__}."
+        )
+        raise TypeError(msg)
+    return {"role": str(role), "content": text}
+
+
+def _text_block(where: str, block: object) -> str:
+    """The text of an OpenAI-style ``{"type": "text", "text": ...}`` content block."""
+    if not isinstance(block, Mapping) or not isinstance(block.get("text"), str):
+        msg = f"{where} must be a {{'type': 'text', 'text': '...'}} block, got {block!r}."
+        raise TypeError(msg)
+    if block.get("type") != "text":
+        msg = f"{where} is a {block.get('type')!r} block; only text blocks can be read, so remove the others."
+        raise ValueError(msg)
+    return check_text(where, block["text"])
+
+
+def check_text(name: str, text: str) -> str:
+    """``text`` itself, or a ValueError naming ``name`` when it holds a lone surrogate (not valid Unicode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        msg = (
+            f"{name} holds a lone surrogate {text[error.start]!r} at index {error.start}, which no tokenizer "
+            "can encode; clean the text first, e.g. text.encode('utf-8', 'replace').decode('utf-8')."
+        )
+        raise ValueError(msg) from None
+    return text
+
+
+def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
+    """``stop`` (``None``, a string or a list of strings) as a checked list (empty strings stay; they never match)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, (bytes, bytearray)) or not isinstance(stop, Sequence):
+        msg = f"stop must be a string, a list of strings or None, got {type(stop).__name__} {stop!r}."
+        raise TypeError(msg)
+    for index, item in enumerate(stop):
+        if not isinstance(item, str):
+            msg = f"stop[{index}] must be a string, got {type(item).__name__} {item!r}; pass stop strings as text."
+            raise TypeError(msg)
+    return list(stop)
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> torch.Tensor:
@@ -62,11 +141,18 @@ class Sampler:
     """
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> None:
+        temperature, top_p = _finite("temperature", temperature), _finite("top_p", top_p)
         if temperature < 0:
             msg = f"temperature must be >= 0 (0 is greedy), got {temperature}."
             raise ValueError(msg)
         if not 0 < top_p <= 1:
-            msg = f"top_p must be in (0, 1], got {top_p}."
+            msg = f"top_p must be in (0, 1] (1 keeps every token), got {top_p}."
+            raise ValueError(msg)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            msg = f"seed must be an integer or None, got {type(seed).__name__} {seed!r}."
+            raise TypeError(msg)
+        if seed is not None and not 0 <= seed < 2**64:
+            msg = f"seed must be in [0, 2**64), got {seed}."
             raise ValueError(msg)
         self.temperature = temperature
         self.top_p = top_p
@@ -74,7 +160,7 @@ class Sampler:
         if seed is None:
             self.generator.seed()
         else:
-            self.generator.manual_seed(seed)
+            self.generator.manual_seed(int(seed))
 
     def __call__(self, logits: torch.Tensor) -> int:
         """The next token id from last-position logits ``[1, vocab]``."""
@@ -89,6 +175,17 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
+def _finite(name: str, value: object) -> float:
+    """``value`` as a float, or an error naming ``name`` when it is not a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"{name} must be a number, got {type(value).__name__} {value!r}."
+        raise TypeError(msg)
+    if not math.isfinite(value):
+        msg = f"{name} must be a finite number, got {value}."
+        raise ValueError(msg)
+    return float(value)
+
+
 def decode_steps(
     model: PreTrainedModel,
     cache: Cache,
@@ -96,18 +193,22 @@ def decode_steps(
     position: int,
     sampler: Sampler,
     max_new_tokens: int,
+    lock: contextlib.AbstractContextManager[Any] | None = None,
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` token ids, feeding each back at its true position.
 
     ``logits`` are the last prompt position's; ``position`` is the true position of the first new token.
     The model only runs for a token when the caller asks for the next one, so stopping early costs nothing.
+    ``lock`` (a model's lock) is held around each forward step only, never while a token is yielded.
     """
+    guard = lock if lock is not None else contextlib.nullcontext()
     for step in range(max_new_tokens):
         token = sampler(logits)
         yield token
         if step + 1 == max_new_tokens:
             return
-        logits = forward_token(model, cache, token, position + step)
+        with guard:
+            logits = forward_token(model, cache, token, position + step)
 
 
 def forward_token(model: PreTrainedModel, cache: Cache, token: int, position: int) -> torch.Tensor:
@@ -127,7 +228,8 @@ class TextStream:
     """Turn generated token ids into text pieces, cutting at stop strings and never splitting a character.
 
     Text that could still become the start of a stop string, and an unfinished multi-byte character, are
-    held back until the next tokens settle them, so no emitted piece is ever taken back.
+    held back until the next tokens settle them, so no emitted piece is ever taken back. Empty stop strings
+    are ignored.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = ()) -> None:

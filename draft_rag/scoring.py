@@ -7,16 +7,21 @@ states from the layer's input, reads the post-RoPE keys of all positions from th
 
     A[l, h, o, j] = softmax_j(q[l, h, o] . k[l, kv(h), j] / sqrt(d))    (fp32, causal)
 
-for those rows only: O(|O| * n) memory per layer, never the n x n matrix. The rows are reduced at once
-(query heads of each KV group, then observers) into one score per layer, KV head and key, and combined
-across forward calls, so a long prompt can be prefilled in chunks and lookahead tokens generated one at
-a time while the scores accumulate. Hooks live only inside the ``with`` block: the user's model is not
+for those rows only, never the n x n matrix. Observers are processed in blocks of ``block_size`` rows
+(default :data:`OBSERVER_BLOCK_SIZE`), each reduced at once (query heads of each KV group, then
+observers) into one score per layer, KV head and key, so the extra memory is O(block_size * heads * n)
+per layer however many observers there are. Scores combine across blocks and forward calls, so a long
+prompt can be prefilled in chunks and lookahead tokens generated one at a time while the scores
+accumulate. Hooks live only inside the ``with`` block and act only on forward calls made by the thread
+that entered it, so another thread may run the same (shared) model meanwhile: the user's model is not
 changed.
 """
 
 from __future__ import annotations
 
+import numbers
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,6 +34,80 @@ if TYPE_CHECKING:
 
 Reduction = Literal["max", "mean"]
 Pool = Literal["max", "avg"]
+
+OBSERVER_BLOCK_SIZE = 32
+"""Observer rows whose attention onto all keys is computed at once (bounds the scoring's extra memory)."""
+
+# Layer types (``config.layer_types``) whose attention the scoring reproduces, and the config field holding
+# each one's window (None: the layer attends to every earlier key).
+_WINDOW_FIELDS = {
+    "full_attention": None,
+    "sliding_attention": "sliding_window",
+    "chunked_attention": "attention_chunk_size",
+}
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    """Raise unless ``value`` is an integer (not a bool) of at least ``minimum``; the message names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        msg = f"{name} must be an integer >= {minimum}, got {value!r}; pass a whole number such as {max(minimum, 1)}."
+        raise TypeError(msg)
+    if value < minimum:
+        msg = f"{name} must be >= {minimum}, got {value}."
+        raise ValueError(msg)
+
+
+def check_attention_support(model: PreTrainedModel, total_tokens: int) -> None:
+    """Raise NotImplementedError when the scoring cannot reproduce ``model``'s attention over ``total_tokens``.
+
+    Call it before any compute with ``total_tokens``, the longest sequence the model will hold in one cache:
+    the prompt plus every token fed after it (lookahead observers, generated tokens). Supported are layers
+    with full causal attention, and sliding-window or chunked layers whose window is at least
+    ``total_tokens`` (such a window hides no key, so the layer attends exactly like full attention).
+    Unsupported, and rejected here: a window shorter than ``total_tokens`` (the layer never attends to the
+    keys outside it, and transformers' sliding caches drop them), attention logit soft-capping (Gemma 2),
+    and any other layer type (linear attention, state-space layers...).
+    """
+    check_int("total_tokens", total_tokens, 0)
+    config = model.config.get_text_config(decoder=True)
+    name = getattr(config, "_name_or_path", "") or type(model).__name__
+    if getattr(config, "attn_logit_softcapping", None):
+        msg = (
+            f"{name} soft-caps its attention logits (attn_logit_softcapping), which draft-rag's scoring does not "
+            "reproduce; use a model without attention soft-capping."
+        )
+        raise NotImplementedError(msg)
+    for layer_type in dict.fromkeys(_layer_types(config)):
+        if layer_type not in _WINDOW_FIELDS:
+            msg = (
+                f"{name} has {layer_type!r} layers; draft-rag scores full, sliding-window and chunked attention "
+                "layers only. Use a Llama/Qwen/Mistral-style decoder model."
+            )
+            raise NotImplementedError(msg)
+        field_name = _WINDOW_FIELDS[layer_type]
+        window = getattr(config, field_name) if field_name else None
+        if window is not None and total_tokens > window:
+            msg = (
+                f"{name} attends within a window of {window} tokens ({layer_type}), but this call needs "
+                f"{total_tokens} tokens in one sequence (prompt plus lookahead and generated tokens); "
+                f"draft-rag does not support attention limited to a window yet. Shorten the prompt or the "
+                f"generation to at most {window} tokens in all, or use a model with full attention."
+            )
+            raise NotImplementedError(msg)
+
+
+def _layer_types(config: Any) -> list[str]:
+    """Each layer's attention type, inferred like transformers does when the config lists none."""
+    declared = getattr(config, "layer_types", None)
+    if declared is not None:
+        return list(declared)
+    if getattr(config, "sliding_window", None) is not None:
+        inferred = "sliding_attention"
+    elif getattr(config, "attention_chunk_size", None) is not None:
+        inferred = "chunked_attention"
+    else:
+        inferred = "full_attention"
+    return [inferred] * config.num_hidden_layers
 
 
 @dataclass(frozen=True)
@@ -122,9 +201,10 @@ class ObserverScores:
     """Context manager that scores every key by the attention it gets from the observer positions.
 
     Observers are the positions ``first_observer .. first_observer + num_observers - 1`` of the sequence fed
-    through the model inside the block (in one or several forward calls that extend one KV cache).
-    After the block, :meth:`scores` returns ``[layers, batch, kv_heads, n]``: for each layer, KV head and key,
-    the reduced attention from all observers, where ``n`` is the longest key sequence seen.
+    through the model inside the block (in one or several forward calls that extend one KV cache), by the
+    thread that entered the block; forward calls from other threads are not observed. After the block,
+    :meth:`scores` returns ``[layers, batch, kv_heads, n]``: for each layer, KV head and key, the reduced
+    attention from all observers, where ``n`` is the longest key sequence seen.
 
     Args:
         model: a decoder-only transformers model whose attention layers have ``q_proj``, ``layer_idx`` and a
@@ -133,7 +213,8 @@ class ObserverScores:
         num_observers: how many observer positions follow it.
         reduction: see :class:`ScoreReduction`.
         layers: which layer indices to score (default all); others run untouched.
-        key_mask: optional ``[batch, n]`` bool mask of real (non-padding) keys; padded keys get probability 0.
+        block_size: observer rows whose attention is computed at once (default :data:`OBSERVER_BLOCK_SIZE`);
+            the result does not depend on it, the peak memory does.
     """
 
     def __init__(
@@ -143,24 +224,28 @@ class ObserverScores:
         num_observers: int,
         reduction: ScoreReduction | None = None,
         layers: Sequence[int] | None = None,
-        key_mask: torch.Tensor | None = None,
+        *,
+        block_size: int = OBSERVER_BLOCK_SIZE,
     ) -> None:
         if num_observers < 1 or first_observer < 0:
             msg = f"need at least one observer at a position >= 0, got {num_observers} from {first_observer}."
             raise ValueError(msg)
+        check_int("block_size", block_size, 1)
         self.model = model
         self.first_observer = first_observer
         self.num_observers = num_observers
         self.reduction = reduction or ScoreReduction()
-        self.key_mask = key_mask
+        self.block_size = block_size
         self._attention = list(attention_modules(model))
         self._layers = set(range(len(self._attention)) if layers is None else layers)
         self._weights = observer_weights(num_observers) if self.reduction.weighted_query else None
         self._sums: dict[int, torch.Tensor] = {}
         self._seen: dict[int, int] = {}
         self._handles: list[Any] = []
+        self._thread: int | None = None
 
     def __enter__(self) -> ObserverScores:
+        self._thread = threading.get_ident()
         for index, module in enumerate(self._attention):
             if index in self._layers:
                 self._handles.append(module.register_forward_hook(self._make_hook(index), with_kwargs=True))
@@ -170,6 +255,7 @@ class ObserverScores:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._thread = None
 
     def scores(self) -> torch.Tensor:
         """``[layers, batch, kv_heads, n]`` scores of the scored layers, in layer order."""
@@ -187,32 +273,39 @@ class ObserverScores:
 
     def _make_hook(self, layer_index: int) -> Callable[..., None]:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
+            if threading.get_ident() != self._thread:
+                return  # another thread's forward call on a model shared with this block
             cache = kwargs.get("past_key_values")
             if cache is None:
                 msg = "ObserverScores needs the forward call to use a KV cache (pass past_key_values=DynamicCache())."
                 raise RuntimeError(msg)
-            keys = cache.layers[module.layer_idx].keys
-            q_len, n = hidden.shape[1], keys.shape[2]
-            start = n - q_len
-            lo = max(self.first_observer, start)
-            hi = min(self.first_observer + self.num_observers, n)
-            if lo >= hi:
-                return
-            local = slice(lo - start, hi - start)
-            cos, sin = kwargs["position_embeddings"]
-            query = observer_queries(module, hidden[:, local], cos[:, local], sin[:, local])
-            positions = torch.arange(lo, hi, device=keys.device)
-            probs = observer_attention(query, keys, positions, _scaling(module))
-            if self.key_mask is not None:
-                probs = probs * self.key_mask[:, None, None, :n].to(probs)
-            weights = None
-            if self._weights is not None:
-                weights = self._weights[lo - self.first_observer : hi - self.first_observer]
-            rows = reduce_rows(probs, keys.shape[1], self.reduction, weights)
-            self._accumulate(layer_index, rows)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._observe(layer_index, module, hidden, cache.layers[module.layer_idx].keys, kwargs)
 
         return hook
+
+    def _observe(
+        self, layer_index: int, module: Any, hidden: torch.Tensor, keys: torch.Tensor, kwargs: dict[str, Any]
+    ) -> None:
+        """Score the keys with the observers among this forward call's ``hidden`` states, a block at a time."""
+        q_len, n = hidden.shape[1], keys.shape[2]
+        start = n - q_len
+        lo = max(self.first_observer, start)
+        hi = min(self.first_observer + self.num_observers, n)
+        if lo >= hi:
+            return
+        cos, sin = kwargs["position_embeddings"]
+        keys = keys.float()
+        for block in range(lo, hi, self.block_size):
+            end = min(block + self.block_size, hi)
+            local = slice(block - start, end - start)
+            query = observer_queries(module, hidden[:, local], cos[:, local], sin[:, local])
+            positions = torch.arange(block, end, device=keys.device)
+            probs = observer_attention(query, keys, positions, _scaling(module))
+            weights = None
+            if self._weights is not None:
+                weights = self._weights[block - self.first_observer : end - self.first_observer]
+            self._accumulate(layer_index, reduce_rows(probs, keys.shape[1], self.reduction, weights))
 
     def _accumulate(self, layer_index: int, rows: torch.Tensor) -> None:
         combined = rows.amax(dim=2) if self.reduction.observers == "max" else rows.sum(dim=2)
@@ -272,35 +365,25 @@ def prefill(
     cache: Cache | None = None,
     *,
     chunk_size: int = 2048,
-    attention_mask: torch.Tensor | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Cache, torch.Tensor]:
     """Run ``input_ids`` ``[batch, n]`` through the model in chunks, extending ``cache``.
 
     Only the last position's logits are computed (no full-vocabulary logits for the prompt). Returns the
-    cache and the last logits ``[batch, vocab]``. ``attention_mask`` (``[batch, past + n]``) is for
-    left-padded batches. ``progress`` is called with the number of tokens done after each chunk.
+    cache and the last logits ``[batch, vocab]``. A new cache keeps every position in every layer (no
+    sliding-window truncation), so the scoring sees all keys; :func:`check_attention_support` rejects
+    sequences that a layer's window would cut. ``progress`` is called with the number of tokens done after
+    each chunk.
     """
     from transformers import DynamicCache
 
-    if chunk_size < 1:
-        msg = f"chunk_size must be >= 1, got {chunk_size}."
-        raise ValueError(msg)
-    cache = cache if cache is not None else DynamicCache(config=model.config)
-    past = cache.get_seq_length()
+    check_int("chunk_size", chunk_size, 1)
+    cache = cache if cache is not None else DynamicCache()
     logits = None
     with torch.inference_mode():
         for start in range(0, input_ids.shape[1], chunk_size):
             chunk = input_ids[:, start : start + chunk_size]
-            end = past + start + chunk.shape[1]
-            kwargs: dict[str, Any] = {}
-            if attention_mask is not None:
-                mask = attention_mask[:, :end]
-                kwargs["attention_mask"] = mask
-                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -chunk.shape[1] :]
-            out = model(
-                input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs
-            )
+            out = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]
             if progress is not None:
                 progress(chunk.shape[1])

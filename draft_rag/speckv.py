@@ -12,6 +12,11 @@ One generation, top to bottom:
 4. The last prompt token runs against the compressed cache at its original position (so the prompt
    cache holds ``budget`` entries per KV head), then decoding continues at the original positions.
 
+Every argument is checked, and the prompt tokenized, before any model runs. Each step that computes (the
+draft answer, the target prefill with eviction, each decode step) holds that model's
+:attr:`~draft_rag.models.LoadedModel.lock`; nothing is held between steps, so a paused stream blocks no
+other generation, and generations sharing a model interleave their steps, each over its own cache.
+
 The baselines run in the same engine: ``snapkv`` (step 2 without a draft), ``streamingllm`` (attention
 sinks + most recent positions) and ``full`` (no eviction). The user's model is never changed: scoring hooks
 live only during the prefill.
@@ -19,23 +24,30 @@ live only during the prefill.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from draft_rag.decoding import Sampler, TextStream, as_messages, chat_prompt_ids, decode_steps, forward_token
+from draft_rag.decoding import (
+    Sampler,
+    TextStream,
+    as_messages,
+    chat_prompt_ids,
+    decode_steps,
+    forward_token,
+    stop_strings,
+)
 from draft_rag.kv import METHODS, KVEviction
 from draft_rag.kv.speckv import draft_answer
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, LoadedModel, load_model, stop_token_ids
-from draft_rag.scoring import ScoreReduction
+from draft_rag.scoring import ScoreReduction, check_attention_support, check_int
 
 if TYPE_CHECKING:
     import torch
     from transformers import Cache
 
-Prompt = str | Sequence[dict[str, str]]
+Prompt = str | Sequence[dict[str, Any]]
 
 
 @dataclass
@@ -82,7 +94,8 @@ class SpecKV:
         chunk_size: prefill chunk length (default 2048).
         device, dtype: passed to :func:`~draft_rag.models.load_model` for models given by name.
 
-    The engine is thread-safe: one generation at a time holds the models.
+    The engine is thread-safe, and so is sharing its models with other engines and SpecPC compressors:
+    each compute step holds the model's own lock, and no lock is held while a stream waits to be read.
     """
 
     def __init__(
@@ -114,14 +127,11 @@ class SpecKV:
                 "sink_tokens": sink_tokens,
             }
             self.eviction = build_eviction(method, **knobs)
-        if chunk_size < 1:
-            msg = f"chunk_size must be >= 1, got {chunk_size}."
-            raise ValueError(msg)
+        check_int("chunk_size", chunk_size, 1)
         self.chunk_size = chunk_size
         self.target = load_model(target, device=device, dtype=dtype)
         self.draft = load_model(draft, device=device, dtype=dtype) if self.eviction.uses_draft else None
         self._stop_ids = set(stop_token_ids(self.target))
-        self._lock = threading.Lock()
 
     @property
     def method(self) -> str:
@@ -141,14 +151,19 @@ class SpecKV:
 
         Args:
             prompt: a string (one user message in the target's chat template) or a list of
-                ``{"role", "content"}`` messages.
-            max_new_tokens: most tokens to generate (default 256).
-            temperature: 0 (default) is greedy; above 0 samples.
-            top_p: nucleus sampling mass (default 1.0).
-            stop: a string or strings; the text is cut before the first one generated.
-            seed: sampling seed (default nondeterministic).
+                ``{"role", "content"}`` messages (see :func:`~draft_rag.decoding.as_messages`).
+            max_new_tokens: most tokens to generate, an integer >= 1 (default 256).
+            temperature: 0 (default) is greedy; above 0 samples. A finite number >= 0.
+            top_p: nucleus sampling mass in (0, 1] (default 1.0).
+            stop: a string or a list of strings; the text is cut before the first one generated. Empty
+                strings are ignored.
+            seed: integer sampling seed (default nondeterministic).
+
+        Raises:
+            TypeError, ValueError: an argument is malformed (the message names it); nothing has run yet.
+            NotImplementedError: a model attends within a sliding window shorter than the generation.
         """
-        run = self._run(prompt, max_new_tokens, temperature, top_p, stop, seed)
+        run = self._run(self._prepare(prompt, max_new_tokens, temperature, top_p, stop, seed))
         while True:
             try:
                 next(run)
@@ -166,13 +181,15 @@ class SpecKV:
     ) -> Generator[str, None, GenerationResult]:
         """Like :meth:`generate`, but yield the text in pieces as it is generated (same arguments).
 
-        The pieces join to ``generate(...).text``; text that may still turn into a stop string and
-        unfinished multi-byte characters are held back until settled. The generator's return value
-        (``StopIteration.value``) is the :class:`GenerationResult`.
+        The arguments are checked at once, so errors raise here rather than at the first piece. The pieces
+        join to ``generate(...).text``; text that may still turn into a stop string and unfinished
+        multi-byte characters are held back until settled. The generator's return value
+        (``StopIteration.value``) is the :class:`GenerationResult`. A stream holds no lock between pieces:
+        the same engine may run other generations (in this thread or others) while it is paused.
         """
-        return (yield from self._run(prompt, max_new_tokens, temperature, top_p, stop, seed))
+        return self._run(self._prepare(prompt, max_new_tokens, temperature, top_p, stop, seed))
 
-    def _run(
+    def _prepare(
         self,
         prompt: Prompt,
         max_new_tokens: int,
@@ -180,59 +197,63 @@ class SpecKV:
         top_p: float,
         stop: str | Sequence[str] | None,
         seed: int | None,
-    ) -> Generator[str, None, GenerationResult]:
+    ) -> _Request:
+        """Check every argument and tokenize the prompt for the target (and the draft, if it will run)."""
         messages = as_messages(prompt)
-        if max_new_tokens < 1:
-            msg = f"max_new_tokens must be >= 1, got {max_new_tokens}."
-            raise ValueError(msg)
+        check_int("max_new_tokens", max_new_tokens, 1)
         sampler = Sampler(temperature, top_p, seed)
-        target = self.target
-        with self._lock:
-            start = time.perf_counter()
-            prompt_ids = chat_prompt_ids(target.tokenizer, messages).to(target.device)
-            n = prompt_ids.shape[1]
-            if n > target.max_context:
-                msg = f"the prompt has {n} tokens, over the context of {target.max_context}; shorten it."
-                raise ValueError(msg)
-            lookahead = None
-            if self.draft is not None and self.eviction.evicts(n):
-                steps = getattr(self.eviction, "lookahead_tokens", None) or max_new_tokens
-                answer = draft_answer(self.draft, messages, steps, chunk_size=self.chunk_size)
-                if answer:
-                    lookahead = target.tokenizer(
-                        answer, add_special_tokens=False, return_tensors="pt"
-                    ).input_ids
-            drafted = time.perf_counter()
+        stops = stop_strings(stop)
+        prompt_ids = chat_prompt_ids(self.target.tokenizer, messages)
+        n = prompt_ids.shape[1]
+        _check_context(self.target, n, "target")
+        draft_ids, steps = None, 0
+        if self.draft is not None and self.eviction.evicts(n):
+            steps = getattr(self.eviction, "lookahead_tokens", None) or max_new_tokens
+            draft_ids = chat_prompt_ids(self.draft.tokenizer, messages)
+            _check_context(self.draft, draft_ids.shape[1], "draft")
+            check_attention_support(self.draft.model, draft_ids.shape[1] + steps - 1)
+        check_attention_support(self.target.model, n + max(steps, max_new_tokens - 1))
+        return _Request(prompt_ids, draft_ids, steps, max_new_tokens, sampler, stops)
 
+    def _run(self, request: _Request) -> Generator[str, None, GenerationResult]:
+        target = self.target
+        start = time.perf_counter()
+        lookahead = self._draft_lookahead(request)
+        drafted = time.perf_counter()
+
+        prompt_ids = request.prompt_ids.to(target.device)
+        n = prompt_ids.shape[1]
+        with target.lock:
             cache = self.eviction.compress(target.model, prompt_ids, lookahead, chunk_size=self.chunk_size)
             logits = forward_token(target.model, cache, int(prompt_ids[0, -1]), n - 1)
-            prefilled = time.perf_counter()
-            kept = cache.get_seq_length()
-            bytes_kept = cache_bytes(cache)
+        prefilled = time.perf_counter()
+        kept = cache.get_seq_length()
+        bytes_kept = cache_bytes(cache)
 
-            text = TextStream(target.tokenizer, [stop] if isinstance(stop, str) else list(stop or ()))
-            pieces: list[str] = []
-            tokens: list[int] = []
-            finish, first_token_at = "length", prefilled
-            for token in decode_steps(target.model, cache, logits, n, sampler, max_new_tokens):
-                tokens.append(token)
-                if len(tokens) == 1:
-                    first_token_at = time.perf_counter()
-                if token in self._stop_ids:
-                    finish = "stop"
-                    break
-                piece = text.push(token)
-                if piece:
-                    pieces.append(piece)
-                    yield piece
-                if text.stopped:
-                    finish = "stop"
-                    break
-            tail = text.flush()
-            if tail:
-                pieces.append(tail)
-                yield tail
-            end = time.perf_counter()
+        text = TextStream(target.tokenizer, request.stop)
+        pieces: list[str] = []
+        tokens: list[int] = []
+        finish, first_token_at = "length", prefilled
+        steps = decode_steps(target.model, cache, logits, n, request.sampler, request.max_new_tokens, target.lock)
+        for token in steps:
+            tokens.append(token)
+            if len(tokens) == 1:
+                first_token_at = time.perf_counter()
+            if token in self._stop_ids:
+                finish = "stop"
+                break
+            piece = text.push(token)
+            if piece:
+                pieces.append(piece)
+                yield piece
+            if text.stopped:
+                finish = "stop"
+                break
+        tail = text.flush()
+        if tail:
+            pieces.append(tail)
+            yield tail
+        end = time.perf_counter()
 
         decode_s = end - first_token_at
         timings = {
@@ -254,6 +275,42 @@ class SpecKV:
             timings=timings,
             token_ids=tokens,
         )
+
+    def _draft_lookahead(self, request: _Request) -> torch.Tensor | None:
+        """The draft's answer in target tokens ``[1, L]``, or None when the draft does not run or says nothing."""
+        draft = self.draft
+        if draft is None or request.draft_ids is None:
+            return None
+        with draft.lock:
+            answer = draft_answer(draft, request.draft_ids, request.lookahead_steps, chunk_size=self.chunk_size)
+        if not answer:
+            return None
+        lookahead = self.target.tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids
+        # Re-tokenized by another tokenizer, the answer can take more target tokens than the draft generated.
+        check_attention_support(self.target.model, request.prompt_ids.shape[1] + lookahead.shape[1])
+        return lookahead
+
+
+@dataclass
+class _Request:
+    """One checked generation request: target (and draft) prompt tokens and the decoding settings."""
+
+    prompt_ids: torch.Tensor
+    draft_ids: torch.Tensor | None
+    lookahead_steps: int
+    max_new_tokens: int
+    sampler: Sampler
+    stop: list[str]
+
+
+def _check_context(model: LoadedModel, tokens: int, role: str) -> None:
+    """Raise when a prompt of ``tokens`` tokens does not fit the ``role`` (target or draft) model's context."""
+    if tokens > model.max_context:
+        msg = (
+            f"the prompt has {tokens} tokens in the {role} model {model.name!r}, over its context of "
+            f"{model.max_context} tokens; shorten the prompt or use a {role} model with a longer context."
+        )
+        raise ValueError(msg)
 
 
 def build_eviction(method: str, **knobs: Any) -> KVEviction:

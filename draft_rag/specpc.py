@@ -11,28 +11,45 @@ How tokens are picked, top to bottom in this file:
 2. ``_score_context`` prefills the draft (chunked, no full-vocabulary logits) inside
    :class:`~draft_rag.scoring.ObserverScores`; the observers are the last ``window_size`` prompt positions
    plus ``lookahead_tokens - 1`` greedy draft tokens. Scores are reduced over heads and observers, then
-   ``max`` over layers ``>= starting_layer_index``, then max/avg-pooled over positions.
+   ``max`` over layers ``>= starting_layer_index``, then max/avg-pooled over positions. With a ``cache``
+   (:mod:`draft_rag.draft_cache`), the documents' cached K/V stand in for the prefill before the window.
 3. ``select_tokens`` walks document tokens by descending score and adds each one's centred neighbourhood
    of ``neighbor_tokens`` until the budget is full.
-4. ``_rebuild`` turns kept tokens into character spans snapped to word edges, joined by an elision marker.
-   The result is re-counted with the target tokenizer (or the draft's) and the selection shrunk until the
-   documents fit the budget.
+4. ``_rebuild`` turns kept tokens into character spans, widened a little to word edges (``snap_spans``),
+   joined by an elision marker. The result is re-counted with the target tokenizer (or the draft's), and
+   ``fit_to_budget`` searches for the largest selection whose text fits the budget.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
+from draft_rag.decoding import check_text
 from draft_rag.models import DEFAULT_DRAFT, LoadedModel, load_model, stop_token_ids
-from draft_rag.scoring import Pool, Reduction
+from draft_rag.scoring import Pool, Reduction, check_int
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
+
+    from draft_rag.draft_cache import Chunk, DraftCache
+
+ELISION_MARKER = " … "
+"""Stands between kept spans, and at either end of a document where text was cut."""
+
+SNAP_REACH = 16
+"""Most characters a kept span is widened by, at each end, to reach the edge of its word."""
+
+# Scripts written without spaces between words (by Unicode character-name prefix): there a whitespace
+# "word" can be a whole paragraph, so spans keep their token boundaries.
+_UNSPACED_SCRIPTS = (
+    "CJK", "IDEOGRAPHIC", "FULLWIDTH", "HIRAGANA", "KATAKANA", "HALFWIDTH KATAKANA", "BOPOMOFO",
+    "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN",
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,8 @@ class CompressedDocument:
         original_tokens: tokens of the source document, counted the same way.
         score: the highest pooled draft attention score of any of the document's tokens (0 when the
             document was passed through without scoring).
+        blank: the source was empty or whitespace only: there was nothing to keep, so it is never
+            ``dropped``.
     """
 
     text: str
@@ -54,11 +73,12 @@ class CompressedDocument:
     kept_tokens: int
     original_tokens: int
     score: float = 0.0
+    blank: bool = False
 
     @property
     def dropped(self) -> bool:
         """True when the document had content and none of it was kept."""
-        return self.original_tokens > 0 and not self.spans
+        return not self.blank and self.original_tokens > 0 and not self.spans
 
     @property
     def compressed(self) -> bool:
@@ -128,6 +148,14 @@ class SpecPC:
         elision_marker: placed between kept spans, and at either end where text was cut (``" … "``).
         device, dtype: where and how to run the draft (default CUDA + bf16 when available, else CPU fp32).
         progress: show a progress bar over the prefill (None: only on a terminal).
+        cache: a :class:`~draft_rag.draft_cache.DraftCache` of per-document draft K/V (None: no cache). With
+            one, each document is encoded once on its own after the chat template's opening and reused by
+            later queries, which run only the last ``window_size`` prompt tokens through the draft; scores
+            then differ a little from a full prefill when there are several documents (documents do not
+            attend to each other). :meth:`warm` encodes documents ahead of the first query.
+
+    The fields keep what was passed; the loaded draft and tokenizer are held privately (see :meth:`load`).
+    One draft model can serve several threads: its forward passes take turns on the model's lock.
 
     Example:
         >>> pc = SpecPC(budget=512)
@@ -148,22 +176,20 @@ class SpecPC:
     weighted_query: bool = True
     target_tokenizer: str | PreTrainedTokenizerBase | None = None
     chunk_size: int = 2048
-    elision_marker: str = " … "
+    elision_marker: str = ELISION_MARKER
     device: str | None = None
     dtype: Any = None
     progress: bool | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    cache: DraftCache | None = None
+    _draft: LoadedModel | None = field(default=None, init=False, repr=False, compare=False)
+    _counter: PreTrainedTokenizerBase | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("budget", "window_size", "kernel_size", "neighbor_tokens", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                msg = f"SpecPC {name} must be a positive integer, got {value!r}."
-                raise ValueError(msg)
-        for name in ("lookahead_tokens", "starting_layer_index"):
-            if getattr(self, name) < 0:
-                msg = f"SpecPC {name} must be >= 0, got {getattr(self, name)!r}."
-                raise ValueError(msg)
+        minimums = {"budget": 1, "window_size": 1, "kernel_size": 1, "neighbor_tokens": 1, "chunk_size": 1,
+                    "lookahead_tokens": 0, "starting_layer_index": 0}
+        for name, minimum in minimums.items():
+            check_int(f"SpecPC {name}", getattr(self, name), minimum)
+            setattr(self, name, int(getattr(self, name)))
         for name, allowed in (("pool", ("max", "avg")), ("reduction", ("max", "mean")),
                               ("observer_reduction", ("max", "mean"))):
             if getattr(self, name) not in allowed:
@@ -171,63 +197,118 @@ class SpecPC:
                 raise ValueError(msg)
 
     def load(self) -> LoadedModel:
-        """Load the draft model now (it is otherwise loaded on the first compression)."""
-        if not isinstance(self.draft, LoadedModel):
-            self.draft = load_model(self.draft, device=self.device, dtype=self.dtype)
+        """Load the draft model (and a named ``target_tokenizer``) now; otherwise the first compression does.
+
+        Returns the loaded draft. ``draft`` and ``target_tokenizer`` keep the values they were given.
+        """
+        return self._loaded()[0]
+
+    def _loaded(self) -> tuple[LoadedModel, PreTrainedTokenizerBase]:
+        """The draft and the tokenizer that counts the budget, loaded on the first call."""
+        if self._draft is None:
+            self._draft = load_model(self.draft, device=self.device, dtype=self.dtype)
+        if self._counter is None:
+            self._counter = self._load_counter(self._draft)
+        return self._draft, self._counter
+
+    def _load_counter(self, draft: LoadedModel) -> PreTrainedTokenizerBase:
+        """The tokenizer that counts the budget: ``target_tokenizer`` (loaded if a name), else the draft's."""
+        if self.target_tokenizer is None:
+            return draft.tokenizer
         if isinstance(self.target_tokenizer, str):
             from transformers import AutoTokenizer
 
-            self.target_tokenizer = AutoTokenizer.from_pretrained(self.target_tokenizer)
-        return self.draft
+            return AutoTokenizer.from_pretrained(self.target_tokenizer)
+        return self.target_tokenizer
 
     def compress(self, query: str, documents: Sequence[str]) -> CompressionResult:
         """Compress ``documents`` for ``query`` to at most ``budget`` tokens of document text.
 
-        Documents come back in input order, one result per input. Whitespace-only documents are passed
-        through unchanged. When the documents already fit the budget they are returned unchanged and the
-        draft model does not run.
+        Documents come back in input order, one result per input. When the documents (whitespace-only
+        ones included) already fit the budget they are returned unchanged and the draft model does not
+        run. Otherwise whitespace-only documents come back empty: text ``""``, no spans, ``kept_tokens``
+        0 and ``blank`` set (nothing to keep, so not ``dropped``); the budget goes to the others.
 
         Raises:
             TypeError: ``query`` is not a string, ``documents`` is a string or holds a non-string.
-            ValueError: ``query`` is empty, or the prompt exceeds the draft model's context length.
+            ValueError: ``query`` is empty, a text holds lone surrogates, or the prompt exceeds the draft
+                model's context length.
+            NotImplementedError: the draft uses sliding-window attention and the prompt is longer than
+                its window.
         """
         _check_inputs(query, documents)
         started = time.perf_counter()
-        with self._lock:
-            draft = self.load()
-            counter = cast("PreTrainedTokenizerBase", self.target_tokenizer or draft.tokenizer)
-            originals = [_count(counter, doc) for doc in documents]
-            if sum(originals) <= self.budget:
-                kept = [_unchanged(doc, n) for doc, n in zip(documents, originals)]
-                return CompressionResult(kept, query, self.budget, time.perf_counter() - started)
-            prompt = _DraftPrompt(draft.tokenizer, query, documents)
-            _check_length(prompt, documents, draft, self.lookahead_tokens)
-            scores = self._score_context(draft, prompt)
+        draft, counter = self._loaded()
+        originals = [_count(counter, doc) for doc in documents]
+        if sum(originals) <= self.budget:
+            kept = [_unchanged(doc, n) for doc, n in zip(documents, originals)]
+            return CompressionResult(kept, query, self.budget, time.perf_counter() - started)
+        if not any(doc.strip() for doc in documents):
+            blanks = [_blank(n) for n in originals]
+            return CompressionResult(blanks, query, self.budget, time.perf_counter() - started)
+        prompt = _DraftPrompt(draft.tokenizer, query, documents)
+        _check_length(prompt, draft, self.lookahead_tokens)
+        scores = self._score_context(draft, prompt)
         compressed = self._fit_budget(prompt, scores, counter, originals)
         return CompressionResult(
             compressed, query, self.budget, time.perf_counter() - started, len(prompt.input_ids)
         )
+
+    def warm(self, documents: Sequence[str]) -> None:
+        """Encode ``documents`` into :attr:`cache` now, so that the first query over them is fast too.
+
+        Each document is encoded as :meth:`compress` would on first use: on its own, after the chat
+        template's opening. Cached documents are skipped, whitespace-only ones ignored, and memory stays
+        within the cache's ``max_bytes`` however many documents are passed.
+
+        Raises:
+            ValueError: no ``cache`` is set, a text holds lone surrogates, or a document is longer than the
+                draft model's context.
+            TypeError: ``documents`` is a string or holds a non-string.
+        """
+        if self.cache is None:
+            msg = "SpecPC.warm needs a draft cache; create SpecPC(..., cache=DraftCache())."
+            raise ValueError(msg)
+        _check_documents(documents)
+        if not any(doc.strip() for doc in documents):
+            return
+        draft = self.load()
+        prefix_ids, chunks = _DraftPrompt(draft.tokenizer, "", documents).cache_chunks()
+        self.cache.add(draft, prefix_ids, chunks, chunk_size=self.chunk_size, progress=self.progress)
 
     def _score_context(self, draft: LoadedModel, prompt: _DraftPrompt) -> torch.Tensor:
         """Pooled draft attention score of every prompt position, ``[n]``."""
         import torch
         from tqdm.auto import tqdm
 
-        from draft_rag.scoring import ObserverScores, ScoreReduction, pool_scores, prefill
+        from draft_rag.scoring import (
+            ObserverScores,
+            ScoreReduction,
+            check_attention_support,
+            pool_scores,
+            prefill,
+        )
 
         model = draft.model
         n = len(prompt.input_ids)
         window = min(self.window_size, n)
         extra = max(self.lookahead_tokens - 1, 0)
+        check_attention_support(model, n + extra)
         num_layers = model.config.num_hidden_layers
         first_layer = min(self.starting_layer_index, num_layers - 1)
         reduction = ScoreReduction(self.reduction, self.observer_reduction, self.weighted_query)
         ids = torch.tensor([prompt.input_ids], device=draft.device)
         stops = set(stop_token_ids(draft))
         scorer = ObserverScores(model, n - window, window + extra, reduction, range(first_layer, num_layers))
-        with scorer, tqdm(total=n, desc="SpecPC draft prefill", unit="tok",
-                          disable=None if self.progress is None else not self.progress) as bar:
-            cache, logits = prefill(model, ids, chunk_size=self.chunk_size, progress=bar.update)
+        past = None
+        if self.cache is not None:  # the cached documents up to the window; only the rest runs below
+            prefix_ids, chunks = prompt.cache_chunks()
+            past = self.cache.context(draft, prefix_ids, chunks, n - window, chunk_size=self.chunk_size,
+                                      progress=self.progress)
+        start = 0 if past is None else past.get_seq_length()
+        with draft.lock, scorer, tqdm(total=n - start, desc="SpecPC draft prefill", unit="tok",
+                                      disable=None if self.progress is None else not self.progress) as bar:
+            cache, logits = prefill(model, ids[:, start:], past, chunk_size=self.chunk_size, progress=bar.update)
             for _ in range(extra):
                 token = logits.argmax(dim=-1, keepdim=True)
                 if token.item() in stops:
@@ -244,17 +325,14 @@ class SpecPC:
         counter: PreTrainedTokenizerBase,
         originals: list[int],
     ) -> list[CompressedDocument]:
-        """Select tokens for a draft-token budget, rebuild the text, and shrink until it fits the budget."""
+        """The documents rebuilt from the largest token selection whose text fits the budget."""
         context_scores = scores[prompt.context_positions()]
-        draft_budget = self.budget
-        while True:
+
+        def build(draft_budget: int) -> list[CompressedDocument]:
             kept = select_tokens(context_scores, draft_budget, self.neighbor_tokens)
-            documents = self._rebuild(prompt, kept.tolist(), context_scores, counter, originals)
-            total = sum(d.kept_tokens for d in documents)
-            if total <= self.budget or draft_budget == 0:
-                return documents
-            # Word snapping, markers and a different target tokenizer can all add tokens: shrink and retry.
-            draft_budget = min(draft_budget - 1, draft_budget * self.budget // total)
+            return self._rebuild(prompt, kept.tolist(), context_scores, counter, originals)
+
+        return fit_to_budget(build, self.budget)
 
     def _rebuild(
         self,
@@ -270,7 +348,7 @@ class SpecPC:
         for doc_index, source in enumerate(prompt.documents):
             token_spans = prompt.offsets[doc_index]
             if token_spans is None:
-                results.append(_unchanged(source, originals[doc_index]))
+                results.append(_blank(originals[doc_index]))
                 continue
             local = [i for i in range(len(token_spans)) if offset + i in kept_set]
             spans = snap_spans(source, [token_spans[i] for i in local])
@@ -281,6 +359,30 @@ class SpecPC:
             results.append(CompressedDocument(text, spans, kept_tokens, originals[doc_index], score))
             offset += len(token_spans)
         return results
+
+
+def fit_to_budget(
+    build: Callable[[int], list[CompressedDocument]], budget: int
+) -> list[CompressedDocument]:
+    """The documents ``build(n)`` makes for the largest ``n <= budget`` whose kept tokens fit ``budget``.
+
+    ``build(n)`` keeps about ``n`` tokens, but its text can count more: elision markers, word snapping and
+    a different counting tokenizer all add tokens. ``n = budget`` is tried first (it usually fits), then a
+    binary search between 0 and ``budget`` (so at most about ``log2(budget)`` rebuilds, each
+    re-tokenising only the kept text), assuming that keeping more never yields fewer tokens.
+    ``build(0)`` must keep nothing.
+    """
+    fits, too_many = 0, budget + 1
+    best: list[CompressedDocument] | None = None
+    n = budget
+    while too_many - fits > 1:
+        documents = build(n)
+        if sum(d.kept_tokens for d in documents) <= budget:
+            fits, best = n, documents
+        else:
+            too_many = n
+        n = (fits + too_many) // 2
+    return best if best is not None else build(0)
 
 
 def select_tokens(scores: torch.Tensor, budget: int, neighbor_tokens: int) -> torch.Tensor:
@@ -318,18 +420,21 @@ def select_tokens(scores: torch.Tensor, budget: int, neighbor_tokens: int) -> to
     return kept.nonzero().flatten()
 
 
-def snap_spans(source: str, token_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Merge token character spans and widen them to whole whitespace-delimited words.
+def snap_spans(
+    source: str, token_spans: list[tuple[int, int]], reach: int = SNAP_REACH
+) -> list[tuple[int, int]]:
+    """Merge token character spans, widening each end to the edge of its word when that edge is near.
 
-    Spans that touch, overlap or are separated only by whitespace become one; leading and trailing
-    whitespace is trimmed from each span.
+    A word is a run of characters that are neither whitespace nor of a script written without spaces
+    (Chinese, Japanese, Thai...). An end moves at most ``reach`` characters to reach its word edge, else
+    it stays on the token boundary, so a URL, base64 or a paragraph of Chinese never pulls in more than
+    a few characters. Combining marks stay with their base character. Spans that touch, overlap or are
+    separated only by whitespace become one; leading and trailing whitespace is trimmed from each span.
     """
     snapped: list[tuple[int, int]] = []
-    for start, end in sorted(token_spans):
-        while start > 0 and not source[start - 1].isspace():
-            start -= 1
-        while end < len(source) and not source[end].isspace():
-            end += 1
+    for token_start, token_end in sorted(token_spans):
+        start = _word_start(source, token_start, reach)
+        end = _word_end(source, token_end, reach)
         while start < end and source[start].isspace():
             start += 1
         while end > start and source[end - 1].isspace():
@@ -341,6 +446,43 @@ def snap_spans(source: str, token_spans: list[tuple[int, int]]) -> list[tuple[in
         else:
             snapped.append((start, end))
     return snapped
+
+
+def _in_word(char: str) -> bool:
+    """True for a character of a space-delimited word: not whitespace, not of a script without spaces."""
+    return not char.isspace() and not unicodedata.name(char, "").startswith(_UNSPACED_SCRIPTS)
+
+
+def _is_mark(char: str) -> bool:
+    return unicodedata.category(char).startswith("M")
+
+
+def _word_start(source: str, start: int, reach: int) -> int:
+    """``start`` moved left to its word's first character if that is at most ``reach`` away."""
+    while 0 < start < len(source) and _is_mark(source[start]):
+        start -= 1
+    if start >= len(source) or not _in_word(source[start]):
+        return start
+    edge = start
+    while edge > 0 and _in_word(source[edge - 1]):
+        if start - edge == reach:
+            return start
+        edge -= 1
+    return edge
+
+
+def _word_end(source: str, end: int, reach: int) -> int:
+    """``end`` moved right past its word's last character if that is at most ``reach`` away."""
+    while end < len(source) and _is_mark(source[end]):
+        end += 1
+    if end == 0 or not _in_word(source[end - 1]):
+        return end
+    edge = end
+    while edge < len(source) and _in_word(source[edge]):
+        if edge - end == reach:
+            return end
+        edge += 1
+    return edge
 
 
 def join_spans(source: str, spans: list[tuple[int, int]], marker: str) -> str:
@@ -362,12 +504,14 @@ class _DraftPrompt:
 
     Each document is tokenised on its own so that every one of its tokens maps to a character span of that
     document. Whitespace-only documents are left out of the prompt (``offsets`` is None for them).
+    ``question_tokens`` counts what the prompt needs without any document: the template and the question.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, query: str, documents: Sequence[str]) -> None:
         prefix, suffix = _template_parts(tokenizer)
         self.documents = list(documents)
-        self.input_ids: list[int] = _encode(tokenizer, prefix)
+        prefix_ids = _encode(tokenizer, prefix)
+        self.input_ids: list[int] = list(prefix_ids)
         self.starts: list[int] = []
         self.offsets: list[list[tuple[int, int]] | None] = []
         for doc in documents:
@@ -378,7 +522,9 @@ class _DraftPrompt:
             self.starts.append(len(self.input_ids))
             self.offsets.append([tuple(span) for span in encoded["offset_mapping"]])
             self.input_ids += encoded["input_ids"] + _encode(tokenizer, "\n\n")
-        self.input_ids += _encode(tokenizer, f"Question: {query}{suffix}")
+        question_ids = _encode(tokenizer, f"Question: {query}{suffix}")
+        self.question_tokens = len(prefix_ids) + len(question_ids)
+        self.input_ids += question_ids
 
     def context_positions(self) -> torch.Tensor:
         """Prompt positions of all document tokens, document after document."""
@@ -386,6 +532,21 @@ class _DraftPrompt:
 
         lengths = [len(o) for o in self.offsets if o is not None]
         return torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, lengths)])
+
+    def cache_chunks(self) -> tuple[list[int], list[Chunk]]:
+        """The shared prefix's token ids and each non-blank document as a draft cache :class:`Chunk`.
+
+        A chunk holds the document's tokens and the separator after it, so the prompt is the prefix, the
+        chunks in order, then the question. Needs at least one non-blank document.
+        """
+        from draft_rag.draft_cache import Chunk
+
+        question_start = len(self.input_ids) - (self.question_tokens - self.starts[0])
+        ends = [*self.starts[1:], question_start]
+        documents = [(doc, spans) for doc, spans in zip(self.documents, self.offsets) if spans is not None]
+        chunks = [Chunk(doc, self.input_ids[start:end], spans)
+                  for (doc, spans), start, end in zip(documents, self.starts, ends)]
+        return self.input_ids[: self.starts[0]], chunks
 
 
 def _template_parts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
@@ -410,7 +571,12 @@ def _count(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
 
 def _unchanged(source: str, tokens: int) -> CompressedDocument:
     spans = [(0, len(source))] if source else []
-    return CompressedDocument(source, spans, tokens, tokens)
+    return CompressedDocument(source, spans, tokens, tokens, blank=not source.strip())
+
+
+def _blank(tokens: int) -> CompressedDocument:
+    """A whitespace-only document of ``tokens`` tokens, kept as nothing."""
+    return CompressedDocument("", [], 0, tokens, blank=True)
 
 
 def _check_inputs(query: object, documents: object) -> None:
@@ -420,6 +586,11 @@ def _check_inputs(query: object, documents: object) -> None:
     if not query.strip():
         msg = "query is empty; SpecPC needs the question to decide what to keep."
         raise ValueError(msg)
+    check_text("query", query)
+    _check_documents(documents)
+
+
+def _check_documents(documents: object) -> None:
     if isinstance(documents, str) or not isinstance(documents, Sequence):
         msg = (
             f"documents must be a list of strings, got {type(documents).__name__}; "
@@ -433,15 +604,22 @@ def _check_inputs(query: object, documents: object) -> None:
                 "pass the page text (e.g. Document.page_content)."
             )
             raise TypeError(msg)
+        check_text(f"documents[{index}]", doc)
 
 
-def _check_length(
-    prompt: _DraftPrompt, documents: Sequence[str], draft: LoadedModel, lookahead_tokens: int
-) -> None:
-    needed = len(prompt.input_ids) + max(lookahead_tokens - 1, 0)
+def _check_length(prompt: _DraftPrompt, draft: LoadedModel, lookahead_tokens: int) -> None:
+    lookahead = max(lookahead_tokens - 1, 0)
+    needed = len(prompt.input_ids) + lookahead
     if needed <= draft.max_context:
         return
-    longest = max(range(len(documents)), key=lambda i: len(prompt.offsets[i] or []))
+    if prompt.question_tokens + lookahead > draft.max_context:
+        msg = (
+            f"query needs {prompt.question_tokens + lookahead} draft tokens with the chat template, more "
+            f"than the draft model's maximum context of {draft.max_context} before any document. "
+            "Shorten the question; long material belongs in documents."
+        )
+        raise ValueError(msg)
+    longest = max(range(len(prompt.offsets)), key=lambda i: len(prompt.offsets[i] or []))
     msg = (
         f"documents need {needed} draft tokens with the question, more than the draft model's maximum "
         f"context of {draft.max_context} (the longest is documents[{longest}] with "

@@ -5,6 +5,8 @@ retriever (MiniLM embeddings, in-memory vector store) -> DraftContextCompressor 
 
 The compressor is the only addition to an ordinary LangChain RAG chain: it wraps the retriever in a
 ``ContextualCompressionRetriever``. Run ``--no-compress`` to answer from the full retrieved chunks instead.
+Three related questions are asked by default; the compressor's draft cache keeps the draft's K/V of every
+chunk it has read, so a later question that retrieves some of the same chunks compresses faster.
 
     python examples/langchain_rag.py
     python examples/langchain_rag.py --question "How did Frederick Douglass learn to read?" --budget 384
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,11 @@ from langchain_core.runnables import Runnable, RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-QUESTION = "How should a saboteur slow down meetings and committees?"
+QUESTIONS = (
+    "How should a saboteur slow down meetings and committees?",
+    "How should a saboteur treat the orders of managers and supervisors?",
+    "How can office workers sabotage paperwork and correspondence?",
+)
 PROMPT = ChatPromptTemplate.from_messages([
     ("system", "Answer the question from the context only, in two or three sentences."),
     ("human", "Context:\n{context}\n\nQuestion: {question}"),
@@ -98,11 +105,13 @@ def report(result: dict[str, Any], seconds: float, count_tokens: Any) -> None:
 def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     """The flags shared by the LangChain examples."""
     parser = argparse.ArgumentParser(description=description.splitlines()[0])
-    parser.add_argument("--question", default=QUESTION)
+    parser.add_argument("--question", action="append", dest="questions",
+                        help="a question to ask (repeatable; default: three related questions)")
     parser.add_argument("--budget", type=int, default=512, help="context tokens kept by SpecPC (default 512)")
     parser.add_argument("--top-k", type=int, default=8, help="chunks retrieved (default 8)")
     parser.add_argument("--chunk-chars", type=int, default=1200, help="chunk size in characters (default 1200)")
     parser.add_argument("--no-compress", action="store_true", help="send the full retrieved chunks")
+    parser.add_argument("--no-cache", action="store_true", help="compress without the draft cache")
     parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct", help="SpecPC draft model")
     parser.add_argument("--max-tokens", type=int, default=64, help="most answer tokens (default 64)")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
@@ -114,7 +123,12 @@ def compressed(retriever: BaseRetriever, args: argparse.Namespace, target_tokeni
     from langchain_classic.retrievers import ContextualCompressionRetriever
     from langchain_draft_rag import DraftContextCompressor
 
-    compressor = DraftContextCompressor(draft=args.draft, budget=args.budget, target_tokenizer=target_tokenizer)
+    from draft_rag import DraftCache
+
+    cache = None if getattr(args, "no_cache", False) else DraftCache()
+    compressor = DraftContextCompressor(
+        draft=args.draft, budget=args.budget, target_tokenizer=target_tokenizer, cache=cache
+    )
     return ContextualCompressionRetriever(base_compressor=compressor, base_retriever=retriever)
 
 
@@ -137,7 +151,8 @@ def build_retriever(args: argparse.Namespace) -> BaseRetriever:
     return store.as_retriever(search_kwargs={"k": args.top_k})
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[str]:
+    """Run the example; return the answers, one per question."""
     parser = make_parser()
     parser.add_argument("--method", default="full", choices=["full", "speckv", "snapkv", "streamingllm"],
                         help="KV-cache method of the local target (default full)")
@@ -152,9 +167,19 @@ def main(argv: list[str] | None = None) -> None:
     retriever = build_retriever(args)
     if not args.no_compress:
         retriever = compressed(retriever, args, target.tokenizer)
-    started = time.perf_counter()
-    result = build_chain(retriever, llm).invoke(args.question)
-    report(result, time.perf_counter() - started, lambda text: len(target.tokenizer.encode(text)))
+    return ask_all(build_chain(retriever, llm), args.questions or QUESTIONS,
+                   lambda text: len(target.tokenizer.encode(text)))
+
+
+def ask_all(chain: Runnable, questions: Sequence[str], count_tokens: Any) -> list[str]:
+    """Ask each question in turn, report each, and return the answers."""
+    answers = []
+    for question in questions:
+        started = time.perf_counter()
+        result = chain.invoke(question)
+        report(result, time.perf_counter() - started, count_tokens)
+        answers.append(str(result["answer"].content).strip())
+    return answers
 
 
 if __name__ == "__main__":

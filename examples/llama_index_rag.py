@@ -5,7 +5,9 @@ VectorStoreIndex (MiniLM embeddings, default in-memory store) -> DraftNodePostpr
 
 The postprocessor is the only addition to an ordinary query engine:
 ``index.as_query_engine(node_postprocessors=[DraftNodePostprocessor(...)], llm=...)``.
-Run ``--no-compress`` to answer from the full retrieved chunks instead.
+Run ``--no-compress`` to answer from the full retrieved chunks instead. Three related questions are asked by
+default; the postprocessor's draft cache keeps the draft's K/V of every chunk it has read, so a later question
+that retrieves some of the same chunks compresses faster.
 
     python examples/llama_index_rag.py
     python examples/llama_index_rag.py --question "How did Frederick Douglass learn to read?" --budget 384
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,23 @@ from llama_index.core import (
 )
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.llms import ChatMessage, MessageRole
 from llama_index.core.node_parser import SentenceSplitter
-from llama_index.core.schema import MetadataMode
+from llama_index.core.prompts import ChatPromptTemplate
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-QUESTION = "How should a saboteur slow down meetings and committees?"
+QUESTIONS = (
+    "How should a saboteur slow down meetings and committees?",
+    "How should a saboteur treat the orders of managers and supervisors?",
+    "How can office workers sabotage paperwork and correspondence?",
+)
+# A small local target answers best when told to stay with the context and keep it short.
+QA_PROMPT = ChatPromptTemplate([
+    ChatMessage(role=MessageRole.SYSTEM,
+                content="Answer the question from the context only, in two or three sentences."),
+    ChatMessage(role=MessageRole.USER, content="Context:\n{context_str}\n\nQuestion: {query_str}"),
+])
 
 
 class MiniLMEmbedding(BaseEmbedding):
@@ -82,13 +97,16 @@ def build_index(data_dir: Path, chunk_tokens: int) -> VectorStoreIndex:
     return index
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[str]:
+    """Run the example; return the answers, one per question."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--question", default=QUESTION)
+    parser.add_argument("--question", action="append", dest="questions",
+                        help="a question to ask (repeatable; default: three related questions)")
     parser.add_argument("--budget", type=int, default=512, help="context tokens kept by SpecPC (default 512)")
-    parser.add_argument("--top-k", type=int, default=8, help="chunks retrieved (default 8)")
-    parser.add_argument("--chunk-tokens", type=int, default=256, help="chunk size in tokens (default 256)")
+    parser.add_argument("--top-k", type=int, default=10, help="chunks retrieved (default 10)")
+    parser.add_argument("--chunk-tokens", type=int, default=200, help="chunk size in tokens (default 200)")
     parser.add_argument("--no-compress", action="store_true", help="send the full retrieved chunks")
+    parser.add_argument("--no-cache", action="store_true", help="compress without the draft cache")
     parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct", help="SpecPC draft model")
     parser.add_argument("--method", default="full", choices=["full", "speckv", "snapkv", "streamingllm"],
                         help="KV-cache method of the local target (default full)")
@@ -99,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     from llama_index.llms.draft_rag import DraftRAGLLM
     from llama_index.postprocessor.draft_rag import DraftNodePostprocessor
 
+    from draft_rag import DraftCache
     from draft_rag.models import DEFAULT_TARGET, load_model
 
     target = load_model(DEFAULT_TARGET)
@@ -114,18 +133,33 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Indexed {len(index.docstore.docs)} chunks of {args.data_dir} in {time.perf_counter() - started:.1f} s")
 
     postprocessors = [] if args.no_compress else [
-        DraftNodePostprocessor(draft=args.draft, budget=args.budget, target_tokenizer=target.tokenizer)
+        DraftNodePostprocessor(draft=args.draft, budget=args.budget, target_tokenizer=target.tokenizer,
+                               cache=None if args.no_cache else DraftCache())
     ]
     llm = DraftRAGLLM(target=target, draft=args.draft, method=args.method, max_new_tokens=args.max_tokens)
-    query_engine = index.as_query_engine(similarity_top_k=args.top_k, node_postprocessors=postprocessors, llm=llm)
+    query_engine = index.as_query_engine(
+        similarity_top_k=args.top_k, node_postprocessors=postprocessors, llm=llm, text_qa_template=QA_PROMPT
+    )
 
-    started = time.perf_counter()
-    response = query_engine.query(args.question)
-    seconds = time.perf_counter() - started
+    answers = []
+    for question in args.questions or QUESTIONS:
+        started = time.perf_counter()
+        nodes = query_engine.retrieve(QueryBundle(question))  # retrieval, then the postprocessors
+        retrieved = time.perf_counter()
+        response = query_engine.synthesize(QueryBundle(question), nodes)
+        answered = time.perf_counter()
+        answers.append(str(response).strip())
+        report(question, answers[-1], nodes, count_tokens)
+        print(f"End-to-end: {answered - started:.1f} s (retrieval and compression {retrieved - started:.1f} s, "
+              f"answer {answered - retrieved:.1f} s)")
+    return answers
 
-    print(f"\nQuestion: {args.question}\n\nAnswer: {str(response).strip()}\n\nSources:")
+
+def report(question: str, answer: str, nodes: list[NodeWithScore], count_tokens: Callable[[str], int]) -> None:
+    """Print the answer, the sources, and the context tokens before and after compression."""
+    print(f"\nQuestion: {question}\n\nAnswer: {answer}\n\nSources:")
     before = after = 0
-    for item in response.source_nodes:
+    for item in nodes:
         text = item.node.get_content(metadata_mode=MetadataMode.NONE)
         details = item.node.metadata.get("draft_rag", {})
         kept = details.get("kept_tokens", count_tokens(text))
@@ -134,7 +168,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  - {item.node.metadata['file_name']} (similarity {item.score:.3f}): {kept} tokens"
               + (" (dropped)" if details.get("dropped") else ""))
     print(f"\nContext tokens: {before} retrieved -> {after} sent to the model")
-    print(f"End-to-end: {seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,8 @@ budget counts the target's tokens; by default the draft's tokens are counted.
 from __future__ import annotations
 
 import os
-import time
 
-from langchain_rag import build_chain, build_retriever, compressed, make_parser, report
+from langchain_rag import QUESTIONS, ask_all, build_chain, build_retriever, compressed, make_parser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,9 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     retriever = build_retriever(args)
     if not args.no_compress:
         retriever = compressed(retriever, args, tokenizer)
-    started = time.perf_counter()
-    result = build_chain(retriever, llm).invoke(args.question)
-    report(result, time.perf_counter() - started, lambda text: len(tokenizer.encode(text)))
+    ask_all(build_chain(retriever, llm), args.questions or QUESTIONS, lambda text: len(tokenizer.encode(text)))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
 
 from draft_rag.bench.methods import Outcome, build_methods
 from draft_rag.bench.report import accuracy_table, latency_table, plot_accuracy, write_summary
-from draft_rag.bench.runner import RESULTS_FILE, BenchConfig, peak_rss, plan, read_rows, run_bench
+from draft_rag.bench.runner import (
+    RESULTS_FILE,
+    SETTINGS,
+    BenchConfig,
+    peak_rss,
+    plan,
+    read_rows,
+    run_bench,
+    same_settings,
+)
 from draft_rag.bench.tasks import TaskGenerator
 from tests.tiny import tiny_tokenizer
 
@@ -75,6 +84,43 @@ def test_an_interrupted_run_resumes_with_the_missing_rows(tmp_path):
     assert sum(len(m.calls) for m in methods.values()) == 3
     assert len(rows) == 16
     assert len({(r["task"], r["sample_id"], r["method"], r["budget"]) for r in rows}) == 16
+
+
+NAMED = replace(CONFIG, draft="draft-a", target="target-a")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"draft": "draft-b"}, {"target": "target-b"}, {"seed": 1}, {"chunk_tokens": 128}, {"max_new_tokens": 8}],
+)
+def test_rows_of_other_settings_are_not_reused(tmp_path, capsys, change):
+    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
+    first = run_bench(NAMED, _methods(), generator, tmp_path, progress=False)
+    assert all(row[name] == getattr(NAMED, name) for row in first for name in SETTINGS)
+    other = replace(NAMED, **change)
+    methods = _methods()
+    rows = run_bench(other, methods, generator, tmp_path, progress=False)
+    assert sum(len(m.calls) for m in methods.values()) == 16
+    assert len(rows) == 16 and all(same_settings(row, other) for row in rows)
+    assert len(read_rows(tmp_path / RESULTS_FILE)) == 32  # the first run's rows are kept
+    assert "16 rows" in capsys.readouterr().err
+    again = _methods()
+    assert len(run_bench(NAMED, again, generator, tmp_path, progress=False)) == 16
+    assert all(not m.calls for m in again.values())
+
+
+def test_rows_that_do_not_record_every_setting_are_recomputed(tmp_path):
+    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
+    run_bench(NAMED, _methods(), generator, tmp_path, progress=False)
+    path = tmp_path / RESULTS_FILE
+    old = [{k: v for k, v in row.items() if k not in ("chunk_tokens", "max_new_tokens")} for row in read_rows(path)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in old))
+    methods = _methods()
+    rows = run_bench(NAMED, methods, generator, tmp_path, progress=False)
+    assert sum(len(m.calls) for m in methods.values()) == 16
+    assert all(row["max_new_tokens"] is None and row["chunk_tokens"] == 256 for row in rows)
+    # The report still reads the file whole: the older rows and the new ones.
+    assert "| full | 100.0 (n=4) |" in accuracy_table(read_rows(path), 600)
 
 
 def _row(task, method, budget, accuracy, total_s, sample_id=0):

@@ -11,13 +11,15 @@ from draft_rag import cli
 from tests.tiny import tiny_model
 
 
-@pytest.fixture(scope="module")
-def draft_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-draft")
-    tiny = tiny_model("qwen2", seed=11)
+def _saved(path, tiny):
     tiny.model.save_pretrained(path)
     tiny.tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    return _saved(tmp_path_factory.mktemp("tiny-draft"), tiny_model("qwen2", seed=11))
 
 
 def test_compress_json(draft_dir, tmp_path, capsys, monkeypatch):
@@ -56,3 +58,12 @@ def test_errors_are_clean(draft_dir, tmp_path, capsys):
     assert "query is empty" in capsys.readouterr().err
     assert cli.main(["compress", "--query", "q", "--budget", "0", "--draft", str(draft_dir), str(doc)]) == 2
     assert "budget" in capsys.readouterr().err
+
+
+def test_unsupported_draft_attention_is_a_clean_error(tmp_path, capsys):
+    windowed = tiny_model("qwen2", seed=11, use_sliding_window=True, sliding_window=16, max_window_layers=0)
+    draft = _saved(tmp_path / "windowed", windowed)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Retrieval augmented generation reads long documents. " * 5)
+    assert cli.main(["compress", "--query", "q?", "--budget", "10", "--draft", str(draft), str(doc)]) == 2
+    assert "window of 16" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+import threading
 
 import pytest
 import torch
@@ -26,6 +27,17 @@ def test_loads_a_local_directory_once(tmp_path):
 
 def test_loaded_model_passes_through(tiny_qwen):
     assert load_model(tiny_qwen) is tiny_qwen
+
+
+def test_each_loaded_model_has_its_own_lock(tiny_qwen):
+    """The lock lives on the loaded model, shared by every engine that uses it, and is not data."""
+    twin = LoadedModel(model=tiny_qwen.model, tokenizer=tiny_qwen.tokenizer, name=tiny_qwen.name)
+    assert isinstance(tiny_qwen.lock, type(threading.Lock()))
+    assert twin.lock is not tiny_qwen.lock
+    assert twin == tiny_qwen
+    assert "lock" not in repr(tiny_qwen)
+    with tiny_qwen.lock:
+        assert not twin.lock.locked()
 
 
 def test_bad_arguments():
@@ -130,3 +142,33 @@ def test_lazy_builds_once_when_threads_race():
     for t in threads:
         t.join()
     assert len(builds) == 1 and len({id(r) for r in results}) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu sse avx2 avx512f avx512_bf16 avx512_vnni", True),
+        ("fpu sse avx2 amx_tile amx_bf16 amx_int8", True),
+        ("fpu sse avx2 avx512f avx512_vnni", False),
+        ("fpu sse avx2 fma", False),
+    ],
+)
+def test_cpu_bf16_detection_reads_the_flags(tmp_path, flags, expected):
+    from draft_rag.models import cpu_has_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n")
+    assert cpu_has_bf16(str(cpuinfo)) is expected
+    assert cpu_has_bf16(str(tmp_path / "missing")) is False
+
+
+def test_default_dtype_follows_the_cpu(monkeypatch):
+    import torch
+
+    from draft_rag import models
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert models.default_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert models.default_dtype("cpu") == torch.float32
+    assert models.default_dtype("cuda:0") == torch.bfloat16

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from transformers import DynamicCache
 
+from draft_rag import scoring
 from draft_rag.scoring import (
+    OBSERVER_BLOCK_SIZE,
     ObserverScores,
     ScoreReduction,
     observer_weights,
@@ -30,8 +34,8 @@ def naive_scores(model, input_ids, first, count, reduction):
     return torch.stack(per_layer)
 
 
-def efficient_scores(model, input_ids, first, count, reduction, chunk_size):
-    with ObserverScores(model, first, count, reduction) as scorer:
+def efficient_scores(model, input_ids, first, count, reduction, chunk_size, block_size=OBSERVER_BLOCK_SIZE):
+    with ObserverScores(model, first, count, reduction, block_size=block_size) as scorer:
         prefill(model, input_ids, DynamicCache(config=model.config), chunk_size=chunk_size)
     return scorer.scores()
 
@@ -57,6 +61,68 @@ def test_efficient_scores_match_eager_reference(arch, chunk_size, reduction):
     got = efficient_scores(sdpa.model, ids, first, count, reduction, chunk_size)
     assert got.shape == expected.shape == (2, 2, 2, 53)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 32, 1000])
+@pytest.mark.parametrize(
+    "reduction", [ScoreReduction(), ScoreReduction(heads="mean", observers="mean", weighted_query=True)]
+)
+def test_observer_blocks_match_eager_reference(block_size, reduction):
+    """Processing observers a block at a time changes the memory, not the scores."""
+    eager = tiny_model("qwen2", seed=5, attn="eager")
+    sdpa = tiny_model("qwen2", seed=5, attn="sdpa")
+    torch.manual_seed(1)
+    ids = torch.randint(3, eager.model.config.vocab_size, (1, 90))
+    expected = naive_scores(eager.model, ids, 10, 80, reduction)
+    got = efficient_scores(sdpa.model, ids, 10, 80, reduction, chunk_size=16, block_size=block_size)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rows_do_not_grow_with_the_number_of_observers(tiny_qwen, monkeypatch):
+    computed: list[torch.Size] = []
+    real = scoring.observer_attention
+
+    def spy(*args):
+        probs = real(*args)
+        computed.append(probs.shape)
+        return probs
+
+    monkeypatch.setattr(scoring, "observer_attention", spy)
+    ids = torch.randint(3, tiny_qwen.model.config.vocab_size, (1, 260))
+
+    def largest(num_observers):
+        computed.clear()
+        with ObserverScores(tiny_qwen.model, 260 - num_observers, num_observers):
+            prefill(tiny_qwen.model, ids)
+        return max(shape[2] for shape in computed), max(shape.numel() for shape in computed)
+
+    rows, numel = largest(200)
+    assert rows == OBSERVER_BLOCK_SIZE
+    assert (rows, numel) == largest(OBSERVER_BLOCK_SIZE)
+
+
+def test_hooks_ignore_forward_calls_from_other_threads(tiny_qwen):
+    """Another thread running the same model inside the block (a shared draft) does not change the scores."""
+    model = tiny_qwen.model
+    torch.manual_seed(2)
+    ids = torch.randint(3, model.config.vocab_size, (1, 40))
+    other = torch.randint(3, model.config.vocab_size, (1, 60))
+    with ObserverScores(model, 30, 10) as alone:
+        prefill(model, ids)
+    halfway, intruded = threading.Event(), threading.Event()
+
+    def intruder():
+        halfway.wait(60)
+        prefill(model, other)
+        intruded.set()
+
+    threading.Thread(target=intruder, daemon=True).start()
+    with ObserverScores(model, 30, 10) as shared:
+        cache, _ = prefill(model, ids[:, :20])
+        halfway.set()
+        assert intruded.wait(60)
+        prefill(model, ids[:, 20:], cache)
+    assert torch.equal(shared.scores(), alone.scores())
 
 
 def test_scores_accumulate_over_decode_steps(tiny_qwen):

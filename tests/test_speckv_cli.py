@@ -55,6 +55,7 @@ def test_ask_json(method, model_dirs, context_file, capsys):
     assert set(report) == {
         "answer",
         "method",
+        "dtype",
         "kv_budget",
         "prompt_tokens",
         "kv_entries_kept",
@@ -62,6 +63,7 @@ def test_ask_json(method, model_dirs, context_file, capsys):
         "timings",
     }
     assert report["method"] == method
+    assert report["dtype"] in ("float32", "bfloat16")
     assert report["prompt_tokens"] > 100
     assert report["kv_entries_full"] == report["prompt_tokens"]
     if method == "full":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pytest
 import torch
 
@@ -72,10 +75,11 @@ def test_query_and_document_order_and_count_preserved(draft):
     result = make(draft).compress(QUERY, docs)
     assert result.query == QUERY
     assert len(result.documents) == len(docs)
-    assert result.documents[3].text == "   " and result.documents[4].text == ""
+    assert result.documents[3].text == "" and result.documents[4].text == ""  # cut: whitespace keeps nothing
     for source, doc in zip(docs, result.documents):
         assert doc.original_tokens == count(source)
-        assert doc.dropped == (doc.original_tokens > 0 and not doc.spans)
+        assert doc.blank == (not source.strip())
+        assert doc.dropped == (not doc.blank and doc.original_tokens > 0 and not doc.spans)
 
 
 def test_deterministic(draft):
@@ -115,11 +119,34 @@ def test_bad_input_gives_clear_errors(draft, query, documents, error, match):
         make(draft).compress(query, documents)
 
 
-@pytest.mark.parametrize("name", ["budget", "window_size", "kernel_size", "neighbor_tokens", "chunk_size"])
+POSITIVE = ["budget", "window_size", "kernel_size", "neighbor_tokens", "chunk_size"]
+NON_NEGATIVE = ["lookahead_tokens", "starting_layer_index"]
+
+
+@pytest.mark.parametrize("name", POSITIVE)
 @pytest.mark.parametrize("value", [0, -3])
 def test_bad_config_gives_clear_errors(name, value):
     with pytest.raises(ValueError, match=name):
         SpecPC(**{name: value})
+
+
+@pytest.mark.parametrize("name", NON_NEGATIVE)
+def test_negative_counts_are_rejected(name):
+    with pytest.raises(ValueError, match=f"{name} must be >= 0, got -1"):
+        SpecPC(**{name: -1})
+
+
+@pytest.mark.parametrize("name", POSITIVE + NON_NEGATIVE)
+@pytest.mark.parametrize("value", [2.5, 8.0, True, "8", None])
+def test_non_integer_config_is_a_type_error(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be an integer"):
+        SpecPC(**{name: value})
+
+
+def test_integer_like_config_is_stored_as_int():
+    pc = SpecPC(budget=np.int64(256), starting_layer_index=np.int32(0))
+    assert (pc.budget, pc.starting_layer_index) == (256, 0)
+    assert type(pc.budget) is int and type(pc.starting_layer_index) is int
 
 
 def test_bad_choice_config():
@@ -135,9 +162,40 @@ def test_document_longer_than_draft_context_is_rejected():
         make(draft, budget=10).compress(QUERY, ["short text here.", "The quick brown fox jumps. " * 30])
 
 
+def test_sliding_window_draft_shorter_than_the_prompt_is_rejected_before_scoring():
+    draft = tiny_model("qwen2", seed=7, use_sliding_window=True, sliding_window=32, max_window_layers=0)
+    with pytest.raises(NotImplementedError, match="window of 32"):
+        make(draft, budget=10).compress(QUERY, DOCS)
+    assert make(draft, budget=10).compress(QUERY, ["fits."]).texts == ["fits."]  # no draft run needed
+
+
+def test_draft_forward_takes_turns_on_the_model_lock(draft):
+    results = []
+    worker = threading.Thread(target=lambda: results.append(make(draft).compress(QUERY, DOCS)), daemon=True)
+    with draft.lock:
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not results  # waiting for the lock held here
+    worker.join(timeout=60)
+    assert results[0].documents == make(draft).compress(QUERY, DOCS).documents
+
+
 def test_constructing_loads_nothing():
     pc = SpecPC(draft="no/such-model-anywhere")
     assert pc.draft == "no/such-model-anywhere"
+
+
+def test_loading_keeps_the_fields_as_given(draft, tmp_path):
+    draft.model.save_pretrained(tmp_path)
+    draft.tokenizer.save_pretrained(tmp_path)
+    pc = make(str(tmp_path), target_tokenizer=str(tmp_path))
+    loaded = pc.load()
+    assert loaded.model.config.hidden_size == draft.model.config.hidden_size
+    assert pc.draft == str(tmp_path) and pc.target_tokenizer == str(tmp_path)
+    assert pc.load() is loaded
+    result = pc.compress(QUERY, DOCS)
+    assert result.total_kept_tokens <= pc.budget
+    assert pc.draft == str(tmp_path) and pc.target_tokenizer == str(tmp_path)
 
 
 def test_select_tokens_neighbourhoods():

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     draft, target, specpc_settings = _models(args)
-    config.labels = {"draft": draft.name, "target": target.name, "chunk_tokens": config.chunk_tokens}
+    config.draft, config.target = draft.name, target.name
     methods, skipped = build_methods(
         args.methods, draft=draft, target=target, specpc_settings=specpc_settings
     )

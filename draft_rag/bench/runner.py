@@ -1,17 +1,21 @@
 """Run methods over generated samples and append one JSON row per sample x method x budget.
 
 Rows already present in ``results.jsonl`` are not recomputed, so an interrupted run resumes where it
-stopped. The ``full`` method (the target reading everything) runs once per sample; every other method
-runs once per budget. Jobs go sample by sample, so a run cut short still covers every task evenly.
+stopped. A row is reused only when every setting that changes a result (:data:`SETTINGS`: the models,
+the seed, the document size, the answer cap) matches the run's; rows of other settings, and rows that do
+not record them all, stay in the file but are neither reused nor returned. The ``full`` method (the
+target reading everything) runs once per sample; every other method runs once per budget. Jobs go sample
+by sample, so a run cut short still covers every task evenly.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ from draft_rag.bench.methods import KV_METHODS, Method
 from draft_rag.bench.tasks import Sample, TaskGenerator
 
 RESULTS_FILE = "results.jsonl"
+SETTINGS = ("draft", "target", "seed", "chunk_tokens", "max_new_tokens")
+"""The :class:`BenchConfig` fields written into every row that, with the job itself, decide its result."""
 
 
 @dataclass
@@ -34,6 +40,7 @@ class BenchConfig:
         seed: generator seed (default 0).
         chunk_tokens: size of each context document in tokens (default 256).
         max_new_tokens: cap on every answer's length (default: each task's own, 32 to 96 tokens).
+        draft, target: names of the draft and target models.
     """
 
     tasks: Sequence[str]
@@ -44,13 +51,22 @@ class BenchConfig:
     seed: int = 0
     chunk_tokens: int = 256
     max_new_tokens: int | None = None
-    labels: dict[str, Any] = field(default_factory=dict)
-    """Extra fields written into every row (e.g. the draft and target names)."""
+    draft: str = ""
+    target: str = ""
+
+    def settings(self) -> dict[str, Any]:
+        """The values of :data:`SETTINGS`, as every row of this configuration records them."""
+        return {name: getattr(self, name) for name in SETTINGS}
 
 
 def row_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
     """What identifies a row: task, length, sample, method and budget."""
     return (row["task"], row["length"], row["sample_id"], row["method"], row["budget"])
+
+
+def same_settings(row: Mapping[str, Any], config: BenchConfig) -> bool:
+    """True when ``row`` records every setting of ``config`` with the same value (a missing one differs)."""
+    return all(name in row and row[name] == value for name, value in config.settings().items())
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -95,12 +111,20 @@ def run_bench(
     *,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every job not yet in ``out/results.jsonl``, appending rows as they finish; return all rows."""
+    """Run every job not yet in ``out/results.jsonl`` for ``config``'s settings, appending rows as they finish.
+
+    Returns the rows of this configuration: those reused from the file and the new ones.
+    """
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_FILE
-    rows = read_rows(path)
+    found = read_rows(path)
+    rows = [row for row in found if same_settings(row, config)]
+    if len(rows) < len(found):
+        print(f"draft-rag bench: {len(found) - len(rows)} rows in {path} were made with other settings "
+              f"than {config.settings()} (or do not record them all); they are kept but not reused.",
+              file=sys.stderr)
     done = {row_key(row) for row in rows}
     todo = [job for job in plan(config, methods) if job not in done]
     samples: dict[tuple[str, int, int], Sample] = {}
@@ -133,8 +157,7 @@ def run_bench(
                 "context_tokens": outcome.context_tokens,
                 "answer": outcome.answer,
                 "gold": sample.answers,
-                "seed": config.seed,
-                **config.labels,
+                **config.settings(),
             }
             sink.write(json.dumps(row, ensure_ascii=False) + "\n")
             sink.flush()

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)"
     )
+    parser.add_argument(
+        "--dtype", default=None, help="model dtype, e.g. bfloat16 or float32 (default: bf16 where the hardware has it)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         budget=args.kv_budget,
         window_size=args.window_size,
         lookahead_tokens=args.lookahead_tokens,
+        dtype=args.dtype,
     )
     kv_budget = None if args.method == "full" else args.kv_budget
     if args.json:
@@ -75,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         report = {
             "answer": result.text,
             "method": args.method,
+            "dtype": str(engine.target.model.dtype).removeprefix("torch."),
             "kv_budget": kv_budget,
             "prompt_tokens": result.prompt_tokens,
             "kv_entries_kept": result.kv_entries_kept,

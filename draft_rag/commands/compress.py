@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-tokenizer", default=None, help="count the budget in this tokenizer's tokens")
     parser.add_argument("--lookahead-tokens", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--cache-dir", default=None,
+        help="reuse (and extend) the draft's per-document K/V in this directory, e.g. one made by `draft-rag index`",
+    )
 
 
 def read_documents(files: list[str]) -> list[str]:
@@ -36,7 +40,7 @@ def read_documents(files: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from draft_rag import SpecPC
+    from draft_rag import DraftCache, SpecPC
 
     documents = read_documents(args.files)
     pc = SpecPC(
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         target_tokenizer=args.target_tokenizer,
         lookahead_tokens=args.lookahead_tokens,
         progress=not args.json,
+        cache=None if args.cache_dir is None else DraftCache(directory=args.cache_dir),
     )
     result = pc.compress(args.query, documents)
     if args.json:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from draft_rag.scoring import prefill
+from draft_rag.scoring import check_int, prefill
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -36,9 +36,8 @@ class KVEviction:
     uses_draft: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
-            msg = f"budget must be a positive number of KV entries per head (or None), got {self.budget!r}."
-            raise ValueError(msg)
+        if self.budget is not None:
+            check_int("budget", self.budget, 1)
 
     def evicts(self, prompt_length: int) -> bool:
         """Whether a prompt of ``prompt_length`` tokens is longer than the budget."""
@@ -57,14 +56,8 @@ class KVEviction:
         ``lookahead_ids`` (``[1, L]``, target tokens of a draft answer) are extra observers for the methods
         that use them; their KV is never kept.
         """
-        from transformers import DynamicCache
-
-        n = prompt_ids.shape[1]
-        if not self.evicts(n):
-            if n == 1:
-                return DynamicCache(config=model.config)
-            cache, _ = prefill(model, prompt_ids[:, :-1], chunk_size=chunk_size)
-            return cache
+        if not self.evicts(prompt_ids.shape[1]):
+            return prefill_prompt(model, prompt_ids, chunk_size)
         cache, keep = self.prefill_and_select(model, prompt_ids, lookahead_ids, chunk_size)
         keep_entries(cache, keep)
         return cache
@@ -82,6 +75,16 @@ class KVEviction:
         ``[layers, batch, kv_heads, budget - 1]``, each row sorted ascending.
         """
         raise NotImplementedError
+
+
+def prefill_prompt(model: PreTrainedModel, prompt_ids: torch.Tensor, chunk_size: int) -> Cache:
+    """A cache of every prompt position but the last (empty for a one-token prompt), no scoring."""
+    from transformers import DynamicCache
+
+    if prompt_ids.shape[1] == 1:
+        return DynamicCache()
+    cache, _ = prefill(model, prompt_ids[:, :-1], chunk_size=chunk_size)
+    return cache
 
 
 def keep_entries(cache: Cache, keep: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from draft_rag.kv.base import KVEviction, crop_to
-from draft_rag.scoring import ObserverScores, Pool, ScoreReduction, pool_scores, prefill
+from draft_rag.scoring import ObserverScores, Pool, ScoreReduction, check_int, pool_scores, prefill
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -42,14 +42,13 @@ class SnapKVEviction(KVEviction):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window_size < 0 or (self.budget is not None and self.window_size >= self.budget):
+        check_int("window_size", self.window_size, 0)
+        check_int("kernel_size", self.kernel_size, 1)
+        if self.budget is not None and self.window_size >= self.budget:
             msg = (
-                f"window_size must be >= 0 and smaller than budget ({self.budget}), got {self.window_size}; "
+                f"window_size must be smaller than budget ({self.budget}), got {self.window_size}; "
                 "lower window_size or raise budget."
             )
-            raise ValueError(msg)
-        if self.kernel_size < 1:
-            msg = f"kernel_size must be >= 1, got {self.kernel_size}."
             raise ValueError(msg)
         if self.pool not in ("max", "avg"):
             msg = f"pool must be 'max' or 'avg', got {self.pool!r}."

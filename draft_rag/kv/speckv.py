@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import takewhile
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from draft_rag.decoding import Messages, Sampler, chat_prompt_ids, decode_steps
+from draft_rag.decoding import Sampler, decode_steps
 from draft_rag.kv.snapkv import SnapKVEviction
 from draft_rag.models import LoadedModel, stop_token_ids
-from draft_rag.scoring import prefill
+from draft_rag.scoring import check_int, prefill
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -35,16 +38,16 @@ class SpecKVEviction(SnapKVEviction):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.lookahead_tokens is not None and self.lookahead_tokens < 1:
-            msg = (
-                f"lookahead_tokens must be >= 1 or None (up to max_new_tokens), got {self.lookahead_tokens}."
-            )
-            raise ValueError(msg)
+        if self.lookahead_tokens is not None:
+            check_int("lookahead_tokens", self.lookahead_tokens, 1)
 
 
-def draft_answer(draft: LoadedModel, messages: Messages, max_tokens: int, *, chunk_size: int = 2048) -> str:
-    """The draft's greedy answer to ``messages`` as text: at most ``max_tokens``, up to its end of turn."""
-    ids = chat_prompt_ids(draft.tokenizer, messages).to(draft.device)
+def draft_answer(draft: LoadedModel, prompt_ids: torch.Tensor, max_tokens: int, *, chunk_size: int = 2048) -> str:
+    """The draft's greedy answer to ``prompt_ids`` (``[1, n]`` draft tokens) as text, up to its end of turn.
+
+    At most ``max_tokens`` tokens are generated. The caller holds the draft's lock.
+    """
+    ids = prompt_ids.to(draft.device)
     cache, logits = prefill(draft.model, ids, chunk_size=chunk_size)
     stop = set(stop_token_ids(draft))
     steps = decode_steps(draft.model, cache, logits, ids.shape[1], Sampler(), max_tokens)

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from draft_rag.kv.base import KVEviction
-from draft_rag.scoring import prefill
+from draft_rag.kv.base import KVEviction, prefill_prompt
+from draft_rag.scoring import check_int
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -34,7 +34,8 @@ class StreamingLLMEviction(KVEviction):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.budget is not None and not 0 <= self.sink_tokens < self.budget - 1:
+        check_int("sink_tokens", self.sink_tokens, 0)
+        if self.budget is not None and self.sink_tokens >= self.budget - 1:
             msg = f"sink_tokens must be >= 0 and < budget - 1 = {self.budget - 1}, got {self.sink_tokens}."
             raise ValueError(msg)
 
@@ -47,7 +48,7 @@ class StreamingLLMEviction(KVEviction):
     ) -> tuple[Cache, torch.Tensor]:
         assert self.budget is not None
         older = prompt_ids.shape[1] - 1
-        cache, _ = prefill(model, prompt_ids[:, :-1], chunk_size=chunk_size)
+        cache = prefill_prompt(model, prompt_ids, chunk_size)
         recent = self.budget - 1 - self.sink_tokens
         positions = torch.cat([torch.arange(self.sink_tokens), torch.arange(older - recent, older)])
         kv_heads = cache.layers[0].keys.shape[1]

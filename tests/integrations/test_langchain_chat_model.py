@@ -7,10 +7,11 @@ from functools import reduce
 from operator import add
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.caches import InMemoryCache
+from langchain_core.messages import AIMessage, AIMessageChunk, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from tests.integrations.conftest import ENGINE_SETTINGS, assert_models_load_on_first_call
+from tests.integrations.conftest import ENGINE_SETTINGS, assert_models_load_on_first_call, finishes_within
 from tests.integrations.heartbeat import assert_loop_kept_ticking, ticks_during
 
 SETTINGS = ENGINE_SETTINGS
@@ -21,6 +22,10 @@ MESSAGES = [
 AS_DICTS = [
     {"role": "system", "content": "Answer with the number only."},
     {"role": "user", "content": MESSAGES[1].content},
+]
+PROMPTS = [
+    [HumanMessage(f"Question {i}: what is the special magic number for the word apple? The lazy dog. " * 2)]
+    for i in range(4)
 ]
 
 
@@ -120,12 +125,126 @@ def test_seeded_sampling_is_reproducible(chat):
 
 
 def test_rejects_what_it_cannot_read(chat):
-    with pytest.raises(ValueError, match="tool"):
+    with pytest.raises(ValueError, match=r"messages\[1\] is a 'tool' message.*no tool calling"):
         chat.invoke([HumanMessage("hi"), ToolMessage("3", tool_call_id="call-1")])
-    with pytest.raises(ValueError, match="text only"):
-        chat.invoke([HumanMessage([{"type": "image", "url": "https://example.com/cat.png"}])])
+    with pytest.raises(ValueError, match=r"messages\[0\].content\[1\] is a block of type 'image'.*text only"):
+        chat.invoke([HumanMessage(["Describe:", {"type": "image", "url": "https://example.com/cat.png"}])])
+    with pytest.raises(ValueError, match=r"type 'image_url'"):
+        chat.invoke([HumanMessage([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}])])
+    with pytest.raises(ValueError, match=r"messages\[1\] holds tool calls"):
+        chat.invoke([HumanMessage("hi"), AIMessage("", tool_calls=[{"name": "f", "args": {}, "id": "call-1"}])])
+    with pytest.raises(ValueError, match=r"role 'critic'.*use one of"):
+        chat.invoke([ChatMessage(role="critic", content="hi")])
+    with pytest.raises(ValueError, match="empty"):
+        chat.invoke([SystemMessage(""), HumanMessage([" ", {"type": "text", "text": "\n"}])])
     with pytest.raises(TypeError, match="max_new_tokens"):
         chat.invoke(MESSAGES, max_new_tokens=3)
+
+
+def test_messages_become_plain_text_turns():
+    from langchain_draft_rag.chat_models import to_chat_messages
+
+    messages = [
+        ChatMessage(role="developer", content="Be brief."),
+        HumanMessage(["Read ", {"type": "text", "text": "this"}, {"type": "text", "text": " text."}]),
+        AIMessageChunk(content=[{"type": "text", "text": "Done.", "id": "block-1"}]),
+        ChatMessage(role="human", content=""),
+        ChatMessage(role="ai", content="   "),
+    ]
+    assert to_chat_messages(messages) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Read this text."},
+        {"role": "assistant", "content": "Done."},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "   "},
+    ]
+
+
+def test_text_blocks_read_as_their_text(chat):
+    blocks = [SystemMessage(MESSAGES[0].content), HumanMessage([{"type": "text", "text": MESSAGES[1].content}])]
+    assert chat.invoke(blocks).content == chat.invoke(MESSAGES).content
+
+
+def test_invoke_inside_a_stream_loop(chat):
+    expected = [chat.invoke(prompt).content for prompt in PROMPTS]
+
+    def stream_and_invoke() -> tuple[str, list[str]]:
+        streamed, inner = "", []
+        for chunk in chat.stream(PROMPTS[0]):
+            streamed += chunk.content
+            inner.append(chat.invoke(PROMPTS[len(inner) % 3 + 1]).content)
+        return streamed, inner
+
+    streamed, inner = finishes_within(120, stream_and_invoke)
+    assert streamed == expected[0]
+    assert len(inner) > 1
+    assert inner == [expected[i % 3 + 1] for i in range(len(inner))]
+
+
+def test_many_concurrent_astream_and_ainvoke_calls_all_finish(chat):
+    expected = [chat.invoke(prompt).content for prompt in PROMPTS]
+
+    async def stream(prompt: list) -> str:
+        return "".join([chunk.content async for chunk in chat.astream(prompt)])
+
+    async def invoke(prompt: list) -> str:
+        return (await chat.ainvoke(prompt)).content
+
+    async def all_calls() -> list[str]:
+        calls = [call(PROMPTS[i % 4]) for i in range(16) for call in (stream, invoke)]
+        return await asyncio.gather(*calls)
+
+    results = finishes_within(180, lambda: asyncio.run(all_calls()))
+    assert results == [expected[i % 4] for i in range(16) for _ in range(2)]
+
+
+def test_settings_changed_after_the_first_call_take_effect(chat, tiny_pair):
+    from draft_rag import SpecKV
+
+    draft, target = tiny_pair
+    first = chat.invoke(MESSAGES).response_metadata
+    assert first["kv_entries_kept"] == SETTINGS["budget"]
+
+    chat.budget = 24
+    assert chat.invoke(MESSAGES).response_metadata["kv_entries_kept"] == 24
+    chat.method = "full"
+    assert chat.invoke(MESSAGES).response_metadata["kv_entries_kept"] == first["kv_entries_full"]
+
+    chat.method = "speckv"
+    chat.speckv_kwargs["kernel_size"] = 3  # changed in place, not replaced
+    message = chat.invoke(MESSAGES)
+    expected = SpecKV(target=target, draft=draft, method="speckv", budget=24, window_size=4, kernel_size=3)
+    assert chat.engine.eviction == expected.eviction
+    assert message.content == expected.generate(AS_DICTS, max_new_tokens=8).text
+    engine = chat.engine
+    assert chat.engine is engine  # nothing changed: no rebuild
+
+
+def test_cache_keys_cover_every_setting_that_changes_the_answer(tiny_pair):
+    from langchain_draft_rag import ChatDraftRAG
+
+    draft, target = tiny_pair
+    base = {"model": target, "draft": draft, "max_tokens": 8, **SETTINGS}
+    changes = {
+        "model": draft, "draft": target, "method": "snapkv", "budget": 20, "window_size": 8, "max_tokens": 9,
+        "temperature": 0.5, "top_p": 0.9, "stop": ["."], "seed": 3, "speckv_kwargs": {"kernel_size": 3},
+    }
+    keys = {ChatDraftRAG(**base)._get_llm_string()}
+    for name, value in changes.items():
+        keys.add(ChatDraftRAG(**{**base, name: value})._get_llm_string())
+    assert len(keys) == len(changes) + 1
+
+    # A call's own options are part of its key, and the instance's stop strings count when the call gives none.
+    chat = ChatDraftRAG(**base)
+    assert chat._get_llm_string(max_tokens=3) != chat._get_llm_string()
+    assert ChatDraftRAG(**base, stop=["."])._get_llm_string() == chat._get_llm_string(stop=["."])
+
+    cache = InMemoryCache()
+    plain = ChatDraftRAG(**base, cache=cache)
+    stopped = ChatDraftRAG(**base, stop=[plain.invoke(MESSAGES).content[2:4]], cache=cache)
+    assert stopped.invoke(MESSAGES).content == ChatDraftRAG(**base, stop=stopped.stop).invoke(MESSAGES).content
+    assert stopped.invoke(MESSAGES).content != plain.invoke(MESSAGES).content
+    assert len(cache._cache) == 2
 
 
 def test_construction_loads_no_model(tiny_pair, monkeypatch):

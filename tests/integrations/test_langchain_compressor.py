@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from langchain_core.documents import Document
 from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
+from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-from draft_rag import SpecPC
+from draft_rag import DraftCache, SpecPC
 from tests.integrations.test_compression_adapters import QUERY, SPECPC_KWARGS, TEXTS, count
 
 
@@ -69,3 +71,62 @@ def test_rejects_unknown_settings():
         DraftContextCompressor(budgett=10)
     with pytest.raises(ValueError, match="budget"):
         DraftContextCompressor(budget=0)
+
+
+def cached_compressor(tiny_draft):
+    from langchain_draft_rag import DraftContextCompressor
+
+    return DraftContextCompressor(draft=tiny_draft, budget=30, specpc_kwargs=SPECPC_KWARGS, cache=DraftCache())
+
+
+def test_warmer_fills_the_cache_while_indexing_and_the_retriever_hits_it(tiny_draft):
+    from langchain_classic.retrievers import ContextualCompressionRetriever
+    from langchain_draft_rag import DraftCacheWarmer
+
+    compressor = cached_compressor(tiny_draft)
+    warmer = DraftCacheWarmer(compressor)
+    raw = [Document(page_content=t, metadata={"n": i}) for i, t in enumerate(TEXTS)]
+    chunks = RecursiveCharacterTextSplitter(chunk_size=120, chunk_overlap=0).split_documents(raw)
+    before = [d.model_copy(deep=True) for d in chunks]
+    warmed = warmer.transform_documents(chunks)
+    assert warmed is chunks
+    assert chunks == before
+    assert compressor.cache.stats.entries == len(chunks) + 1  # every chunk and the chat template's opening
+
+    store = InMemoryVectorStore(DeterministicFakeEmbedding(size=16))
+    store.add_documents(warmed)
+    retriever = ContextualCompressionRetriever(
+        base_compressor=compressor, base_retriever=store.as_retriever(search_kwargs={"k": 4})
+    )
+    stats = compressor.cache.stats
+    docs = retriever.invoke(QUERY)
+    assert compressor.cache.stats.misses == stats.misses
+    assert compressor.cache.stats.hits > stats.hits
+    assert sum(count(d.page_content) for d in docs) <= 30
+
+
+def test_warmer_skips_blank_documents_and_warms_in_a_worker_thread_when_async(tiny_draft, monkeypatch):
+    from langchain_draft_rag import DraftCacheWarmer, DraftContextCompressor
+
+    compressor = cached_compressor(tiny_draft)
+    docs = [Document(page_content=t) for t in [*TEXTS[:2], "", " \n "]]
+    threads = []
+    warm = DraftContextCompressor.warm
+
+    def recording_warm(self, documents):
+        threads.append(threading.get_ident())
+        warm(self, documents)
+
+    monkeypatch.setattr(DraftContextCompressor, "warm", recording_warm)
+    assert asyncio.run(DraftCacheWarmer(compressor).atransform_documents(docs)) is docs
+    assert threads and threads[0] != threading.get_ident()
+    assert compressor.cache.stats.entries == 3  # two non-blank documents and the chat template's opening
+
+
+def test_warmer_needs_a_compressor_with_a_cache(compressor):
+    from langchain_draft_rag import DraftCacheWarmer
+
+    with pytest.raises(ValueError, match=r"^DraftCacheWarmer needs a draft cache.*cache=DraftCache\(\)"):
+        DraftCacheWarmer(compressor)
+    with pytest.raises(TypeError, match="^compressor must be a DraftContextCompressor, got InMemoryVectorStore"):
+        DraftCacheWarmer(InMemoryVectorStore(DeterministicFakeEmbedding(size=16)))

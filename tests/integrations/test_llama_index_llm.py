@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from llama_index.core.base.llms.types import ChatMessage, MessageRole
+from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole, TextBlock
 
-from tests.integrations.conftest import ENGINE_SETTINGS, assert_models_load_on_first_call
+from tests.integrations.conftest import ENGINE_SETTINGS, assert_models_load_on_first_call, finishes_within
 from tests.integrations.heartbeat import assert_loop_kept_ticking, ticks_during
 from tests.integrations.test_compression_adapters import QUERY, SPECPC_KWARGS, TEXTS, count
 
@@ -18,6 +18,7 @@ MESSAGES = [
     ChatMessage(role=MessageRole.USER, content=PROMPT),
 ]
 AS_DICTS = [{"role": "system", "content": "Answer with the number only."}, {"role": "user", "content": PROMPT}]
+PROMPTS = [f"Question {i}: what is the special magic number for the word apple? The lazy dog. " * 2 for i in range(4)]
 
 
 @pytest.fixture
@@ -86,8 +87,103 @@ def test_per_call_options_and_metadata(llm):
     assert llm.complete(PROMPT, max_new_tokens=3).additional_kwargs["completion_tokens"] == 3
     assert llm.metadata.is_chat_model
     assert llm.metadata.num_output == 8
-    with pytest.raises(ValueError, match="tool"):
-        llm.chat([ChatMessage(role=MessageRole.TOOL, content="3")])
+
+
+def test_max_tokens_is_an_alias_and_unknown_options_raise(llm):
+    assert llm.complete(PROMPT, max_tokens=3).additional_kwargs["completion_tokens"] == 3
+    assert list(llm.stream_chat(MESSAGES, max_tokens=2))[-1].message.additional_kwargs["completion_tokens"] == 2
+    with pytest.raises(TypeError, match=r"unknown options \['max_lenght'\].*accepts \['max_new_tokens', .*max_tokens"):
+        llm.complete(PROMPT, max_lenght=3)
+    with pytest.raises(TypeError, match=r"unknown options \['tools'\]"):
+        llm.chat(MESSAGES, tools=[])
+    with pytest.raises(TypeError, match="tool_choice"):
+        asyncio.run(llm.acomplete(PROMPT, tool_choice="auto"))
+    with pytest.raises(TypeError, match="both max_tokens and max_new_tokens"):
+        llm.complete(PROMPT, max_tokens=3, max_new_tokens=4)
+
+
+def test_rejects_what_it_cannot_read(llm):
+    with pytest.raises(ValueError, match=r"messages\[1\] is a 'tool' message.*no tool calling"):
+        llm.chat([ChatMessage(role=MessageRole.USER, content="hi"), ChatMessage(role=MessageRole.TOOL, content="3")])
+    with pytest.raises(ValueError, match=r"messages\[0\].blocks\[1\] is a block of type ImageBlock.*text only"):
+        llm.chat([ChatMessage(blocks=[TextBlock(text="Describe:"), ImageBlock(url="https://example.com/cat.png")])])
+    with pytest.raises(ValueError, match="tool calls"):
+        llm.chat([ChatMessage(role=MessageRole.ASSISTANT, content="", additional_kwargs={"tool_calls": [{"id": "1"}]})])
+    with pytest.raises(ValueError, match="empty"):
+        llm.chat([ChatMessage(role=MessageRole.SYSTEM, content=None), ChatMessage(content="  ")])
+    with pytest.raises(ValueError, match="empty"):
+        llm.complete(" ")
+
+
+def test_messages_become_plain_text_turns():
+    from llama_index.llms.draft_rag.base import to_chat_messages
+
+    messages = [
+        ChatMessage(role=MessageRole.DEVELOPER, content="Be brief."),
+        ChatMessage(role=MessageRole.USER, blocks=[TextBlock(text="Read this."), TextBlock(text="And this.")]),
+        ChatMessage(role=MessageRole.MODEL, content=None),
+        ChatMessage(role=MessageRole.CHATBOT, content="  "),
+    ]
+    assert to_chat_messages(messages) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Read this.\nAnd this."},
+        {"role": "assistant", "content": ""},
+        {"role": "assistant", "content": "  "},
+    ]
+
+
+def test_complete_inside_a_stream_loop(llm):
+    expected = [llm.complete(prompt).text for prompt in PROMPTS]
+
+    def stream_and_complete() -> tuple[str, list[str]]:
+        streamed, inner = "", []
+        for response in llm.stream_complete(PROMPTS[0]):
+            streamed = response.text
+            inner.append(llm.complete(PROMPTS[len(inner) % 3 + 1]).text)
+        return streamed, inner
+
+    streamed, inner = finishes_within(120, stream_and_complete)
+    assert streamed == expected[0]
+    assert len(inner) > 1
+    assert inner == [expected[i % 3 + 1] for i in range(len(inner))]
+
+
+def test_many_concurrent_astream_and_acomplete_calls_all_finish(llm):
+    expected = [llm.complete(prompt).text for prompt in PROMPTS]
+    expected_chat = [llm.chat([ChatMessage(content=prompt)]).message.content for prompt in PROMPTS]
+
+    async def stream(i: int) -> str:
+        if i % 2:
+            return [r async for r in await llm.astream_chat([ChatMessage(content=PROMPTS[i % 4])])][-1].message.content
+        return [r async for r in await llm.astream_complete(PROMPTS[i % 4])][-1].text
+
+    async def complete(i: int) -> str:
+        return (await llm.acomplete(PROMPTS[i % 4])).text
+
+    async def all_calls() -> list[str]:
+        return await asyncio.gather(*(call(i) for i in range(16) for call in (stream, complete)))
+
+    results = finishes_within(180, lambda: asyncio.run(all_calls()))
+    assert results == [
+        text for i in range(16) for text in ((expected_chat if i % 2 else expected)[i % 4], expected[i % 4])
+    ]
+
+
+def test_settings_changed_after_the_first_call_take_effect(llm, tiny_pair):
+    from draft_rag import SpecKV
+
+    draft, target = tiny_pair
+    first = llm.complete(PROMPT).additional_kwargs
+    assert first["kv_entries_kept"] == SETTINGS["budget"]
+    llm.budget = 24
+    assert llm.complete(PROMPT).additional_kwargs["kv_entries_kept"] == 24
+    llm.method = "full"
+    assert llm.complete(PROMPT).additional_kwargs["kv_entries_kept"] == first["kv_entries_full"]
+    llm.method = "speckv"
+    llm.speckv_kwargs["kernel_size"] = 3  # changed in place, not replaced
+    expected = SpecKV(target=target, draft=draft, method="speckv", budget=24, window_size=4, kernel_size=3)
+    assert llm.complete(PROMPT).text == expected.generate(PROMPT, max_new_tokens=8).text
+    assert llm.engine.eviction == expected.eviction
 
 
 def test_construction_loads_no_model(tiny_pair, monkeypatch):
@@ -127,3 +223,33 @@ def test_query_engine_with_postprocessor_and_llm(tiny_pair, tiny_draft):
         assert node.node.metadata["draft_rag"]["original_tokens"] >= count(text)
     # The compression details are metadata for the caller, not text for the LLM.
     assert all("draft_rag" not in n.node.get_content(metadata_mode="llm") for n in response.source_nodes)
+
+
+@pytest.fixture
+def index():
+    from llama_index.core import Document, VectorStoreIndex
+    from llama_index.core.embeddings import MockEmbedding
+
+    documents = [Document(text=t, metadata={"source": f"file{i}.txt"}) for i, t in enumerate(TEXTS)]
+    return VectorStoreIndex.from_documents(documents, embed_model=MockEmbedding(embed_dim=8))
+
+
+def test_standard_query_engines_pass_only_options_it_accepts(index, llm):
+    # LlamaIndex's own engines call complete/chat with ``formatted`` and nothing else the LLM could reject.
+    answer = index.as_query_engine(llm=llm, similarity_top_k=2).query(QUERY)
+    assert isinstance(answer.response, str) and answer.response
+    streamed = index.as_query_engine(llm=llm, similarity_top_k=2, streaming=True).query(QUERY)
+    assert streamed.get_response().response == answer.response
+    assert asyncio.run(index.as_query_engine(llm=llm, similarity_top_k=2).aquery(QUERY)).response == answer.response
+    refined = index.as_query_engine(llm=llm, similarity_top_k=2, response_mode="refine").query(QUERY)
+    assert isinstance(refined.response, str)
+
+
+@pytest.mark.parametrize("chat_mode", ["simple", "context", "condense_plus_context"])
+def test_standard_chat_engines_work(index, llm, chat_mode):
+    engine = index.as_chat_engine(chat_mode=chat_mode, llm=llm, similarity_top_k=2)
+    first = engine.chat(QUERY).response
+    assert isinstance(first, str) and first
+    streamed = engine.stream_chat("And the lazy dog?")
+    assert "".join(streamed.response_gen) == streamed.response
+    assert isinstance(asyncio.run(engine.achat("Which number?")).response, str)

@@ -78,7 +78,7 @@ def remote_llm(base_url: str):
 
 
 def test_compressed_context_is_what_the_remote_target_reads(server, example, retriever, tiny_draft):
-    args = argparse.Namespace(draft=tiny_draft, budget=30)
+    args = argparse.Namespace(draft=tiny_draft, budget=30, no_cache=False)
     pipeline = example.compressed(retriever, args, tiny_draft.tokenizer)
     result = example.build_chain(pipeline, remote_llm(server)).invoke(QUERY)
 

@@ -2,5 +2,6 @@
 
 from langchain_draft_rag.chat_models import ChatDraftRAG
 from langchain_draft_rag.compressors import DraftContextCompressor
+from langchain_draft_rag.warmers import DraftCacheWarmer
 
-__all__ = ["ChatDraftRAG", "DraftContextCompressor"]
+__all__ = ["ChatDraftRAG", "DraftCacheWarmer", "DraftContextCompressor"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, HumanMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field, PrivateAttr
@@ -17,7 +18,11 @@ from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, Lazy
 if TYPE_CHECKING:
     from draft_rag import GenerationResult, SpecKV
 
-_ROLES = {"human": "user", "ai": "assistant", "system": "system"}
+# ChatMessage roles the chat template understands, under the names LangChain and OpenAI give them.
+_ROLES = {
+    "system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
+    "ai": "assistant",
+}
 _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "seed")
 
 
@@ -29,8 +34,16 @@ class ChatDraftRAG(BaseChatModel):
     (the target's own prompt tail), ``"streamingllm"`` (first tokens + recent window) and ``"full"`` (no
     eviction; the draft is not loaded) are the baselines. Messages are rendered with the target's chat
     template. Models load on first use, not at construction, and one instance may serve many threads and
-    tasks (generation is serialised by a lock; async calls run in worker threads so the event loop keeps
-    running).
+    tasks: the model computes one step at a time, a paused stream holds nothing, so streams and calls may
+    interleave (even ``invoke`` inside a ``stream`` loop), and the async methods run each step in a worker
+    thread so the event loop keeps running. Settings changed after the first call (``budget``, ``method``,
+    ``draft``, ``speckv_kwargs``...) apply from the next call on.
+
+    Message content is text: a string, or a list of strings and ``{"type": "text"}`` blocks (joined as
+    LangChain's ``message.text`` joins them). Image, audio and file blocks, tool messages, AI messages with
+    tool calls and ``ChatMessage`` roles other than system, developer, user/human and assistant/ai raise
+    ``ValueError``. Empty or whitespace-only messages are kept as empty turns; a prompt without any text
+    raises ``ValueError``.
 
     Setup:
         .. code-block:: bash
@@ -113,19 +126,28 @@ class ChatDraftRAG(BaseChatModel):
     @property
     def model_name(self) -> str:
         """The target's name (a loaded model reports the name it was loaded under)."""
-        return self.target if isinstance(self.target, str) else getattr(self.target, "name", "") or "local"
+        return model_label(self.target)
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
+        # Everything that changes the answer: LangChain's LLM cache keys answers on these.
         return {
             "model_name": self.model_name,
+            "draft": model_label(self.draft),
             "method": self.method,
             "budget": self.budget,
             "window_size": self.window_size,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "stop": self.stop,
+            "seed": self.seed,
+            "speckv_kwargs": dict(sorted(self.speckv_kwargs.items())),
         }
+
+    def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        # A call without stop strings uses the instance's: identify the call by the ones in effect.
+        return super()._get_invocation_params(stop=stop if stop is not None else self.stop, **kwargs)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
@@ -141,15 +163,15 @@ class ChatDraftRAG(BaseChatModel):
 
     @property
     def engine(self) -> SpecKV:
-        """The underlying :class:`draft_rag.SpecKV`, built on first access."""
+        """The underlying :class:`draft_rag.SpecKV` for the current settings, built on first access."""
         from draft_rag import SpecKV
 
-        return self._engine.get(
-            lambda: SpecKV(
-                target=self.target, draft=self.draft, method=self.method, budget=self.budget,
-                window_size=self.window_size, **self.speckv_kwargs,
-            )
+        # dict() rejects a setting given twice (as a field and in speckv_kwargs) instead of picking one.
+        settings = dict(
+            target=self.target, draft=self.draft, method=self.method, budget=self.budget,
+            window_size=self.window_size, **self.speckv_kwargs,
         )
+        return self._engine.get(lambda: SpecKV(**settings), settings)
 
     def _generation_kwargs(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``SpecKV.generate`` keyword arguments: the instance's settings overridden by per-call ones."""
@@ -182,6 +204,20 @@ class ChatDraftRAG(BaseChatModel):
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
+
+    def _pieces(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> Generator[str, None, GenerationResult]:
+        return self.engine.stream(to_chat_messages(messages), **self._generation_kwargs(stop, kwargs))
+
     def _stream(
         self,
         messages: list[BaseMessage],
@@ -189,23 +225,38 @@ class ChatDraftRAG(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        pieces = self.engine.stream(to_chat_messages(messages), **self._generation_kwargs(stop, kwargs))
-        while True:
-            try:
-                piece = next(pieces)
-            except StopIteration as finished:
-                # The engine's stream returns the GenerationResult: usage and finish reason end the stream.
-                result = finished.value
-                last = AIMessageChunk(
-                    content="", usage_metadata=usage(result), response_metadata=self._response_metadata(result),
-                    chunk_position="last",
-                )
-                yield ChatGenerationChunk(message=last)
-                return
+        pieces = self._pieces(messages, stop, kwargs)
+        while isinstance(piece := next_piece(pieces), str):
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
+        yield self._last_chunk(piece)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        # One worker thread per step, given back before the next step and never waiting on another worker,
+        # so any number of concurrent streams and calls share a small thread pool; callbacks run on the loop.
+        pieces = await asyncio.to_thread(self._pieces, messages, stop, kwargs)
+        while isinstance(piece := await asyncio.to_thread(next_piece, pieces), str):
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager:
+                await run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+        yield self._last_chunk(piece)
+
+    def _last_chunk(self, result: GenerationResult) -> ChatGenerationChunk:
+        """The chunk that ends a stream: no text, the usage and the finish reason."""
+        message = AIMessageChunk(
+            content="", usage_metadata=usage(result), response_metadata=self._response_metadata(result),
+            chunk_position="last",
+        )
+        return ChatGenerationChunk(message=message)
 
     def _response_metadata(self, result: GenerationResult) -> dict[str, Any]:
         return {
@@ -220,6 +271,19 @@ class ChatDraftRAG(BaseChatModel):
         }
 
 
+def model_label(model: Any) -> str:
+    """A model's name: the string it is given by, or the name a loaded model was loaded under."""
+    return model if isinstance(model, str) else getattr(model, "name", "") or "local"
+
+
+def next_piece(pieces: Generator[str, None, GenerationResult]) -> str | GenerationResult:
+    """The next streamed text piece, or the stream's :class:`GenerationResult` once it is finished."""
+    try:
+        return next(pieces)
+    except StopIteration as finished:
+        return finished.value
+
+
 def usage(result: GenerationResult) -> UsageMetadata:
     """Token counts of one generation."""
     return UsageMetadata(
@@ -230,19 +294,48 @@ def usage(result: GenerationResult) -> UsageMetadata:
 
 
 def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages as ``{"role", "content"}`` dicts for the chat template (text content only)."""
-    converted = []
-    for message in messages:
-        role = message.role if isinstance(message, ChatMessage) else _ROLES.get(message.type)
-        if role is None:
+    """LangChain messages as ``{"role", "content"}`` dicts for the chat template, content as plain text."""
+    return [{"role": message_role(i, m), "content": message_text(i, m)} for i, m in enumerate(messages)]
+
+
+def message_role(index: int, message: BaseMessage) -> str:
+    """The chat-template role of ``messages[index]``; a ValueError for tool calling and unknown roles."""
+    if isinstance(message, AIMessage) and message.tool_calls:
+        msg = f"messages[{index}] holds tool calls; ChatDraftRAG has no tool calling: pass text messages only."
+        raise ValueError(msg)
+    if isinstance(message, ChatMessage):
+        if message.role not in _ROLES:
             msg = (
-                f"ChatDraftRAG cannot read {message.type!r} messages (no tool calling); "
-                "pass system, human, AI or ChatMessage messages."
+                f"messages[{index}] has the role {message.role!r}, which the chat template does not know; "
+                f"use one of {sorted(_ROLES)}."
             )
             raise ValueError(msg)
-        blocks = message.content if isinstance(message.content, list) else []
-        if any(not isinstance(b, str) and b.get("type") != "text" for b in blocks):
-            msg = "ChatDraftRAG reads text only; remove image, audio or file blocks from the messages."
+        return _ROLES[message.role]
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, HumanMessage):
+        return "user"
+    if isinstance(message, AIMessage):
+        return "assistant"
+    msg = (
+        f"messages[{index}] is a {message.type!r} message; ChatDraftRAG has no tool calling: "
+        "pass system, human, AI or ChatMessage messages."
+    )
+    raise ValueError(msg)
+
+
+def message_text(index: int, message: BaseMessage) -> str:
+    """The text of ``messages[index]``; a ValueError for image, audio, file or other non-text blocks."""
+    if isinstance(message.content, str):
+        return message.content
+    for position, block in enumerate(message.content):
+        if not (isinstance(block, str) or (
+            isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str)
+        )):
+            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+            msg = (
+                f"messages[{index}].content[{position}] is a block of type {kind!r}; ChatDraftRAG reads text only: "
+                "remove image, audio or file blocks, or pass them as {'type': 'text', 'text': ...}."
+            )
             raise ValueError(msg)
-        converted.append({"role": role, "content": str(message.text)})
-    return converted
+    return str(message.text)

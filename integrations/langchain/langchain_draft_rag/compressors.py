@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 from draft_rag.models import DEFAULT_DRAFT, Lazy
 
 if TYPE_CHECKING:
-    from draft_rag import SpecPC
+    from draft_rag import DraftCache, SpecPC
 
 
 class DraftContextCompressor(BaseDocumentCompressor):
@@ -25,7 +25,11 @@ class DraftContextCompressor(BaseDocumentCompressor):
     ranges of the original text), ``score`` and ``dropped``.
 
     A document of which nothing was kept is returned with empty ``page_content`` and ``dropped=True``,
-    unless ``drop_empty=True``, which leaves it out.
+    unless ``drop_empty=True``, which leaves it out. Empty and whitespace-only documents had nothing to keep:
+    they are never marked dropped nor left out (their text may come back empty when the others are
+    compressed). An empty list gives an empty list without loading the model. The input documents are not
+    modified: the results are new ``Document`` objects. Settings changed after the first call (``budget``,
+    ``draft``, ``specpc_kwargs``...) apply from the next call on.
 
     The draft model is loaded on first use, not at construction, and is shared safely by threads and
     concurrent ``acompress_documents`` calls (the blocking work runs in a worker thread, so the event loop
@@ -43,6 +47,8 @@ class DraftContextCompressor(BaseDocumentCompressor):
             Most tokens of document text kept over all documents.
         target_tokenizer: str | tokenizer | None
             Tokenizer of the model that reads the result, so the budget counts its tokens.
+        cache: DraftCache | None
+            Each document's draft K/V, kept across queries (see "Draft cache" below).
 
     Instantiate:
         .. code-block:: python
@@ -72,6 +78,24 @@ class DraftContextCompressor(BaseDocumentCompressor):
         .. code-block:: python
 
             docs = await compressor.acompress_documents(docs, "Who wrote the letter?")
+
+    Draft cache:
+        With ``cache=DraftCache()`` each document is read by the draft once, on its own, and reused by later
+        queries, which then run only the question through the draft. :meth:`warm`, or a
+        :class:`~langchain_draft_rag.DraftCacheWarmer` while indexing, reads the documents ahead of the first
+        question.
+
+        .. code-block:: python
+
+            from draft_rag import DraftCache
+            from langchain_core.documents import Document
+            from langchain_draft_rag import DraftContextCompressor
+
+            compressor = DraftContextCompressor(budget=512, cache=DraftCache())
+            chunks = [Document(page_content=text) for text in ("First chunk...", "Second chunk...")]
+            compressor.warm(chunks)
+            docs = compressor.compress_documents(chunks, "Who wrote the letter?")
+            compressor.cache.stats  # hits: the documents were not read again
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -88,20 +112,46 @@ class DraftContextCompressor(BaseDocumentCompressor):
     """Metadata entry that receives the compression details."""
     specpc_kwargs: dict[str, Any] = Field(default_factory=dict)
     """More ``draft_rag.SpecPC`` settings, e.g. ``{"window_size": 64, "neighbor_tokens": 32}``."""
+    cache: Any = None
+    """A ``draft_rag.DraftCache`` of each document's draft K/V, reused across queries and compressors (None: none)."""
 
     _specpc: Lazy[SpecPC] = PrivateAttr(default_factory=Lazy)
 
     @property
     def specpc(self) -> SpecPC:
-        """The underlying :class:`draft_rag.SpecPC`, built on first access (its model loads on first use)."""
+        """The underlying :class:`draft_rag.SpecPC` for the current settings (its model loads on first use)."""
         from draft_rag import SpecPC
 
-        return self._specpc.get(
-            lambda: SpecPC(
-                draft=self.draft, budget=self.budget, target_tokenizer=self.target_tokenizer,
-                **self.specpc_kwargs,
-            )
+        # dict() rejects a setting given twice (as a field and in specpc_kwargs) instead of picking one.
+        # A DraftCache equals only itself, so the same cache keeps the SpecPC and another one rebuilds it.
+        settings = dict(
+            draft=self.draft, budget=self.budget, target_tokenizer=self.target_tokenizer, cache=self.cache,
+            **self.specpc_kwargs,
         )
+        return self._specpc.get(lambda: SpecPC(**settings), settings)
+
+    @field_validator("cache")
+    @classmethod
+    def _check_cache_type(cls, cache: Any) -> DraftCache | None:
+        if cache is None:  # no torch import for the default
+            return None
+        from draft_rag.draft_cache import as_draft_cache
+
+        return as_draft_cache(cache)
+
+    def warm(self, documents: Sequence[Document]) -> None:
+        """Read ``documents`` into :attr:`cache` now, so that the first question over them is fast too.
+
+        Whitespace-only and already cached documents are skipped. Shows a progress bar on a terminal
+        (``specpc_kwargs={"progress": True}`` forces it).
+
+        Raises:
+            ValueError: no ``cache`` is set, or a document is longer than the draft model's context.
+            TypeError: ``documents`` is not a list of ``Document`` objects.
+        """
+        require_cache(self, "DraftContextCompressor.warm")
+        check_documents(documents)
+        self.specpc.warm([doc.page_content for doc in documents])
 
     def compress_documents(
         self,
@@ -109,7 +159,15 @@ class DraftContextCompressor(BaseDocumentCompressor):
         query: str,
         callbacks: Callbacks | None = None,
     ) -> Sequence[Document]:
-        """Compress ``documents`` for ``query`` to at most ``budget`` tokens in total."""
+        """Compress ``documents`` for ``query`` to at most ``budget`` tokens in total.
+
+        Raises:
+            TypeError: ``documents`` is not a list of ``Document`` objects, or ``query`` is not a string.
+            ValueError: ``query`` is empty.
+        """
+        check_inputs(documents, query)
+        if not documents:
+            return []
         result = self.specpc.compress(query, [doc.page_content for doc in documents])
         return [
             Document(
@@ -121,3 +179,40 @@ class DraftContextCompressor(BaseDocumentCompressor):
             if not (self.drop_empty and kept.dropped)
         ]
 
+
+def require_cache(compressor: DraftContextCompressor, caller: str) -> None:
+    """Raise a ValueError, saying how to set one, when ``compressor`` has no draft cache."""
+    if compressor.cache is None:
+        msg = (
+            f"{caller} needs a draft cache, and the compressor has none; create it with "
+            "DraftContextCompressor(..., cache=DraftCache()) (from draft_rag import DraftCache)."
+        )
+        raise ValueError(msg)
+
+
+def check_inputs(documents: object, query: object) -> None:
+    """Raise a TypeError or ValueError that names the wrong argument and how to pass it."""
+    check_documents(documents)
+    if not isinstance(query, str):
+        msg = f"query must be a string, got {type(query).__name__}; pass the question as text."
+        raise TypeError(msg)
+    if not query.strip():
+        msg = "query is empty; pass the question the documents should answer."
+        raise ValueError(msg)
+
+
+def check_documents(documents: object) -> None:
+    """Raise a TypeError that names the wrong argument when ``documents`` is not a list of ``Document``."""
+    if isinstance(documents, (str, Document)) or not isinstance(documents, Sequence):
+        msg = (
+            f"documents must be a list of langchain_core Document objects, got {type(documents).__name__}; "
+            "wrap a single document as [document]."
+        )
+        raise TypeError(msg)
+    for index, doc in enumerate(documents):
+        if not isinstance(doc, Document):
+            msg = (
+                f"documents[{index}] must be a langchain_core Document, got {type(doc).__name__}; "
+                "wrap text as Document(page_content=text)."
+            )
+            raise TypeError(msg)

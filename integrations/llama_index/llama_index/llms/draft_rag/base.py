@@ -21,6 +21,7 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
+    TextBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
@@ -32,7 +33,11 @@ if TYPE_CHECKING:
     from draft_rag import GenerationResult, SpecKV
 
 Prompt = str | list[dict[str, str]]
-_ROLES = {MessageRole.SYSTEM: "system", MessageRole.USER: "user", MessageRole.ASSISTANT: "assistant"}
+# The roles the chat template understands, under the names LlamaIndex gives them for different providers.
+_ROLES = {
+    MessageRole.SYSTEM: "system", MessageRole.DEVELOPER: "system", MessageRole.USER: "user",
+    MessageRole.ASSISTANT: "assistant", MessageRole.CHATBOT: "assistant", MessageRole.MODEL: "assistant",
+}
 _CALL_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
 
 
@@ -44,9 +49,20 @@ class DraftRAGLLM(CustomLLM):
     ``"streamingllm"`` and ``"full"`` (no eviction; the draft is not loaded) are the baselines. Chat
     messages are rendered with the target's chat template; a completion prompt becomes one user message.
 
-    Models load on first use, not at construction. One instance may serve many threads and tasks
-    (generation is serialised by a lock), and the async methods run generation in worker threads so the
-    event loop keeps running while tokens are produced.
+    Models load on first use, not at construction. One instance may serve many threads and tasks: the model
+    computes one step at a time and a paused stream holds nothing, so streams and calls may interleave, and
+    the async methods run each step in a worker thread so the event loop keeps running while tokens are
+    produced. Settings changed after the first call (``budget``, ``method``, ``draft``, ``speckv_kwargs``...)
+    apply from the next call on.
+
+    Per call, ``complete``/``chat`` and their stream and async forms accept ``max_new_tokens`` (alias
+    ``max_tokens``), ``temperature``, ``top_p``, ``seed`` and ``stop``; any other keyword raises
+    ``TypeError`` rather than being ignored (``complete`` also takes LlamaIndex's ``formatted``).
+
+    Message content is text: ``TextBlock`` blocks, joined as LlamaIndex's ``message.content`` joins them;
+    image, audio, document, tool-call and other blocks, tool and function messages raise ``ValueError``.
+    ``developer`` reads as ``system``, ``chatbot`` and ``model`` as ``assistant``. Messages with no content
+    (``None``) or whitespace only are kept as empty turns; a prompt without any text raises ``ValueError``.
 
     Example:
         .. code-block:: python
@@ -94,21 +110,30 @@ class DraftRAGLLM(CustomLLM):
 
     @property
     def engine(self) -> SpecKV:
-        """The underlying :class:`draft_rag.SpecKV`, built on first access."""
+        """The underlying :class:`draft_rag.SpecKV` for the current settings, built on first access."""
         from draft_rag import SpecKV
 
-        return self._engine.get(
-            lambda: SpecKV(
-                target=self.target, draft=self.draft, method=self.method, budget=self.budget,
-                window_size=self.window_size, **self.speckv_kwargs,
-            )
+        # dict() rejects a setting given twice (as a field and in speckv_kwargs) instead of picking one.
+        settings = dict(
+            target=self.target, draft=self.draft, method=self.method, budget=self.budget,
+            window_size=self.window_size, **self.speckv_kwargs,
         )
+        return self._engine.get(lambda: SpecKV(**settings), settings)
 
     def _generation_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """``SpecKV.generate`` keyword arguments: the instance's settings overridden by per-call ones.
-
-        LlamaIndex forwards keyword arguments from its callers to every LLM; options of other LLMs are ignored.
-        """
+        """``SpecKV.generate`` keyword arguments: the instance's settings overridden by per-call ones."""
+        unknown = sorted(set(kwargs) - {*_CALL_OPTIONS, "max_tokens"})
+        if unknown:
+            msg = (
+                f"DraftRAGLLM got unknown options {unknown}; per call it accepts {list(_CALL_OPTIONS)} "
+                "and max_tokens (an alias of max_new_tokens)."
+            )
+            raise TypeError(msg)
+        if "max_tokens" in kwargs:
+            if "max_new_tokens" in kwargs:
+                msg = "DraftRAGLLM got both max_tokens and max_new_tokens; pass one of them (they mean the same)."
+                raise TypeError(msg)
+            kwargs = {**kwargs, "max_new_tokens": kwargs["max_tokens"]}
         return {name: kwargs.get(name, getattr(self, name)) for name in _CALL_OPTIONS}
 
     def _generate(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponse:
@@ -196,7 +221,11 @@ def responses(pieces: Generator[str, None, GenerationResult]) -> CompletionRespo
 
 
 async def aresponses(pieces: Generator[str, None, GenerationResult]) -> CompletionResponseAsyncGen:
-    """The async form of :func:`responses`: every step of generation runs in a worker thread."""
+    """The async form of :func:`responses`: every step of generation runs in a worker thread.
+
+    A step gives its thread back before the next one and never waits on work that needs another thread, so
+    any number of concurrent streams and calls share a small thread pool.
+    """
     text = ""
     while isinstance(item := await asyncio.to_thread(next_piece, pieces), str):
         text += item
@@ -205,15 +234,25 @@ async def aresponses(pieces: Generator[str, None, GenerationResult]) -> Completi
 
 
 def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    """LlamaIndex chat messages as ``{"role", "content"}`` dicts for the chat template (text only)."""
+    """LlamaIndex chat messages as ``{"role", "content"}`` dicts for the chat template, content as plain text."""
     converted = []
-    for message in messages:
+    for index, message in enumerate(messages):
         role = _ROLES.get(message.role)
         if role is None:
             msg = (
-                f"DraftRAGLLM cannot read {message.role.value!r} messages (no tool calling); "
-                "pass system, user or assistant messages."
+                f"messages[{index}] is a {message.role.value!r} message; DraftRAGLLM has no tool calling: pass "
+                f"{', '.join(sorted({r.value for r in _ROLES}))} messages."
             )
             raise ValueError(msg)
+        if message.additional_kwargs.get("tool_calls"):
+            msg = f"messages[{index}] holds tool calls; DraftRAGLLM has no tool calling: pass text messages only."
+            raise ValueError(msg)
+        for position, block in enumerate(message.blocks):
+            if not isinstance(block, TextBlock):
+                msg = (
+                    f"messages[{index}].blocks[{position}] is a block of type {type(block).__name__}; DraftRAGLLM "
+                    "reads text only: remove image, audio and document blocks, or pass text as TextBlock(text=...)."
+                )
+                raise ValueError(msg)
         converted.append({"role": role, "content": message.content or ""})
     return converted

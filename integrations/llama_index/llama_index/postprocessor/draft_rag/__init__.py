@@ -1,5 +1,6 @@
-"""LlamaIndex node postprocessor of draft-rag: SpecPC prompt compression."""
+"""LlamaIndex node postprocessor of draft-rag: SpecPC prompt compression, and a draft cache warmer for ingestion."""
 
 from llama_index.postprocessor.draft_rag.base import DraftNodePostprocessor
+from llama_index.postprocessor.draft_rag.warmer import DraftCacheWarmer
 
-__all__ = ["DraftNodePostprocessor"]
+__all__ = ["DraftCacheWarmer", "DraftNodePostprocessor"]

@@ -1,0 +1,168 @@
+"""SpecPC on awkward text: scripts without spaces, long unbroken tokens, whitespace, bad code points."""
+
+from __future__ import annotations
+
+import pytest
+
+from draft_rag import SpecPC
+from draft_rag.specpc import CompressedDocument, fit_to_budget, snap_spans
+from tests.tiny import tiny_model, tiny_tokenizer
+
+QUERY = "What is the special magic number?"
+ENGLISH = "The quick brown fox jumps over the lazy dog. A special magic number is hidden in the text. " * 3
+CHINESE = "检索增强生成会读取很长的文档，草稿模型决定保留哪些词元。特别的魔法数字是四八一五一六二。" * 4
+JAPANESE = ("検索拡張生成は長い文書を読み、小さな下書きモデルが"
+            "どのトークンを残すかを決めます。魔法の数字は四八一五です。") * 3
+THAI = "การค้นคืนเอกสารยาวมากและแบบจำลองขนาดเล็กเลือกข้อความที่สำคัญที่สุดเลขพิเศษคือสี่แปดหนึ่งห้า" * 3
+URL = "https://example.com/download?token=" + "a1b2c3d4e5f6" * 40 + "&page=2"
+BASE64 = "QSBzcGVjaWFsIG1hZ2ljIG51bWJlciBpcyBoaWRkZW4gaW4gdGhlIHRleHQu" * 12
+
+UNSPACED = {"chinese": CHINESE, "japanese": JAPANESE, "thai": THAI, "url": URL, "base64": BASE64}
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return tiny_model("qwen2", seed=7)
+
+
+def make(draft, **kwargs):
+    defaults = dict(budget=64, window_size=8, kernel_size=5, neighbor_tokens=6, starting_layer_index=1)
+    defaults.update(kwargs)
+    return SpecPC(draft=draft, **defaults)
+
+
+def count(text: str) -> int:
+    return len(tiny_tokenizer()(text, add_special_tokens=False)["input_ids"])
+
+
+def check_spans(result, documents):
+    """Counts match the texts, spans lie inside their source in order, and the text is made of them."""
+    assert sum(count(d.text) for d in result.documents) == result.total_kept_tokens <= result.budget
+    for source, doc in zip(documents, result.documents, strict=True):
+        assert all(0 <= s < e <= len(source) for s, e in doc.spans)
+        assert all(a[1] < b[0] for a, b in zip(doc.spans, doc.spans[1:]))
+        at = 0
+        for s, e in doc.spans:
+            at = doc.text.index(source[s:e], at) + (e - s)
+
+
+@pytest.mark.parametrize("name", list(UNSPACED))
+@pytest.mark.parametrize("budget", [64, 128])
+def test_text_without_spaces_is_compressed_not_emptied(draft, name, budget):
+    documents = [UNSPACED[name], ENGLISH]
+    result = make(draft, budget=budget).compress(QUERY, documents)
+    check_spans(result, documents)
+    assert result.total_kept_tokens >= budget // 2  # the budget is used, not shrunk to nothing
+    unspaced = result.documents[0]
+    assert not unspaced.dropped and unspaced.text.strip("… ")
+
+
+@pytest.mark.parametrize("name", list(UNSPACED))
+def test_text_without_spaces_alone(draft, name):
+    documents = [UNSPACED[name]]
+    result = make(draft, budget=48).compress(QUERY, documents)
+    check_spans(result, documents)
+    assert 24 <= result.total_kept_tokens <= 48
+
+
+@pytest.mark.parametrize("name", list(UNSPACED))
+def test_nearly_everything_fits_so_nothing_is_dropped(draft, name):
+    documents = [UNSPACED[name], ENGLISH, CHINESE]
+    budget = sum(count(d) for d in documents) - 10
+    result = make(draft, budget=budget).compress(QUERY, documents)
+    check_spans(result, documents)
+    assert result.total_kept_tokens >= budget - 40
+    assert not any(d.dropped for d in result.documents)
+
+
+def test_snapping_stops_at_scripts_without_spaces_and_far_word_edges():
+    assert snap_spans(CHINESE, [(5, 6), (6, 8)]) == [(5, 8)]  # token boundaries, merged
+    assert snap_spans(URL, [(100, 104)]) == [(100, 104)]  # no whitespace within reach
+    assert snap_spans("see " + URL, [(5, 8)]) == [(4, 8)]  # the word edge is near on the left only
+    assert snap_spans("abc中文def ghi", [(1, 2), (6, 7)]) == [(0, 3), (5, 8)]  # Latin words end at Chinese
+    assert snap_spans("alpha beta", [(7, 8)], reach=0) == [(7, 8)]
+    assert snap_spans("alpha beta", [(7, 8)], reach=1) == [(6, 8)]  # "b" is 1 away, "ta" 2
+    assert snap_spans("alpha beta", [(7, 8)], reach=2) == [(6, 10)]
+    assert snap_spans("ที่นี่", [(0, 1)]) == [(0, 3)]  # combining marks stay with their base letter
+
+
+def test_whitespace_documents_take_no_budget(draft):
+    documents = [" " * 300, ENGLISH, "\n\t " * 40]
+    result = make(draft, budget=10).compress(QUERY, documents)
+    check_spans(result, documents)
+    blank, english, tabs = result.documents
+    for doc, source in ((blank, documents[0]), (tabs, documents[2])):
+        assert (doc.text, doc.spans, doc.kept_tokens, doc.blank) == ("", [], 0, True)
+        assert doc.original_tokens == count(source) > 0 and not doc.dropped
+    assert english.text.strip("… ") and not english.dropped
+    assert 5 <= result.total_kept_tokens <= 10
+
+
+def test_only_whitespace_over_the_budget(draft):
+    documents = [" " * 300, "\n" * 50, ""]
+    result = make(draft, budget=10).compress(QUERY, documents)
+    assert result.texts == ["", "", ""]
+    assert result.total_kept_tokens == 0 and not any(d.dropped for d in result.documents)
+    assert [d.original_tokens for d in result.documents] == [count(d) for d in documents]
+
+
+def test_whitespace_documents_that_fit_come_back_unchanged(draft):
+    documents = ["   ", "A special magic number."]
+    result = make(draft, budget=100).compress(QUERY, documents)
+    assert result.texts == documents and not any(d.dropped for d in result.documents)
+
+
+@pytest.mark.parametrize(
+    ("query", "documents", "name"),
+    [
+        (QUERY, [ENGLISH, "abc\ud800def"], r"documents\[1\]"),
+        ("What is \udcff the number?", [ENGLISH], "query"),
+    ],
+)
+def test_lone_surrogates_are_named(draft, query, documents, name):
+    with pytest.raises(ValueError, match=rf"^{name} holds a lone surrogate.*encode\('utf-8', 'replace'\)"):
+        make(draft).compress(query, documents)
+
+
+def test_nul_characters_pass_through(draft):
+    documents = ["The magic\x00number is 4815162.\x00 " * 12, "nul\x00"]
+    result = make(draft, budget=40).compress(QUERY, documents)
+    check_spans(result, documents)
+    assert result.total_kept_tokens >= 20
+    assert make(draft, budget=10_000).compress(QUERY, documents).texts == documents
+
+
+def test_a_query_too_long_for_the_draft_is_blamed_on_the_query():
+    draft = tiny_model("qwen2", seed=7, max_position_embeddings=64)
+    documents = ["short text here.", "The quick brown fox jumps. " * 3]
+    with pytest.raises(ValueError, match=r"^query needs \d+ draft tokens") as error:
+        make(draft, budget=10).compress("What is the magic number? " * 20, documents)
+    assert "documents[" not in str(error.value)
+
+
+def _fake_build(tokens_for):
+    """A ``build`` for fit_to_budget whose n-token selection counts ``tokens_for(n)`` tokens."""
+    calls = []
+
+    def build(n):
+        calls.append(n)
+        return [CompressedDocument("x" * n, [(0, n)] if n else [], tokens_for(n), 1000)]
+
+    return build, calls
+
+
+@pytest.mark.parametrize(
+    ("tokens_for", "largest"),
+    [
+        (lambda n: n, 64),  # fits at once
+        (lambda n: n + 5 if n else 0, 59),  # a marker's worth of overhead
+        (lambda n: n if n <= 40 else n + 30, 40),  # a jump: shrinking in proportion would stop short
+        (lambda n: 2 * n, 32),
+        (lambda n: 100 if n else 0, 0),  # nothing fits but the empty selection
+    ],
+)
+def test_fit_to_budget_keeps_the_largest_selection_that_fits(tokens_for, largest):
+    build, calls = _fake_build(tokens_for)
+    documents = fit_to_budget(build, 64)
+    assert documents[0].text == "x" * largest
+    assert calls[0] == 64 and len(calls) <= 9

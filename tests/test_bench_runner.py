@@ -91,7 +91,8 @@ NAMED = replace(CONFIG, draft="draft-a", target="target-a")
 
 @pytest.mark.parametrize(
     "change",
-    [{"draft": "draft-b"}, {"target": "target-b"}, {"seed": 1}, {"chunk_tokens": 128}, {"max_new_tokens": 8}],
+    [{"draft": "draft-b"}, {"target": "target-b"}, {"dtype": "bfloat16"}, {"seed": 1}, {"chunk_tokens": 128},
+     {"max_new_tokens": 8}],
 )
 def test_rows_of_other_settings_are_not_reused(tmp_path, capsys, change):
     generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)

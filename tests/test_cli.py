@@ -27,10 +27,11 @@ def test_compress_json(draft_dir, tmp_path, capsys, monkeypatch):
     first.write_text("The quick brown fox jumps over the lazy dog. " * 8)
     monkeypatch.setattr("sys.stdin", io.StringIO("A special magic number is hidden in the text. " * 6))
     code = cli.main(["compress", "--query", "What is the magic number?", "--budget", "30",
-                     "--draft", str(draft_dir), "--json", str(first), "-"])
+                     "--draft", str(draft_dir), "--dtype", "float32", "--json", str(first), "-"])
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
-    assert set(payload) == {"documents", "budget", "total_kept_tokens"}
+    assert set(payload) == {"documents", "budget", "total_kept_tokens", "dtype", "seconds"}
+    assert payload["dtype"] == "float32" and payload["seconds"] > 0
     assert payload["budget"] == 30 and payload["total_kept_tokens"] <= 30
     assert [d["source"] for d in payload["documents"]] == [str(first), "-"]
     assert payload["total_kept_tokens"] == sum(d["kept_tokens"] for d in payload["documents"])

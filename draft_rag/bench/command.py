@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (bench-out)")
     parser.add_argument("--draft", default=DEFAULT_DRAFT, help=f"draft model (default {DEFAULT_DRAFT})")
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"target model (default {DEFAULT_TARGET})")
+    parser.add_argument("--dtype", default=None,
+                        help="model dtype, e.g. bfloat16 or float32 (default: bf16 where the hardware has it)")
     parser.add_argument("--seed", type=int, default=0, help="task generator seed (default 0)")
     parser.add_argument("--chunk-tokens", type=int, default=256,
                         help="tokens per context document (default 256)")
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     draft, target, specpc_settings = _models(args)
     config.draft, config.target = draft.name, target.name
+    config.dtype = str(target.model.dtype).removeprefix("torch.")
     methods, skipped = build_methods(
         args.methods, draft=draft, target=target, specpc_settings=specpc_settings
     )
@@ -123,7 +126,7 @@ def _models(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel, dict[st
         return draft, target, TINY_SPECPC_SETTINGS
     from draft_rag.models import load_model
 
-    return load_model(args.draft), load_model(args.target), None
+    return load_model(args.draft, dtype=args.dtype), load_model(args.target, dtype=args.dtype), None
 
 
 def _notes(rows: list[dict[str, Any]], seconds: float | None) -> list[str]:
@@ -136,7 +139,8 @@ def _notes(rows: list[dict[str, Any]], seconds: float | None) -> list[str]:
     samples = [len({r["sample_id"] for r in rows if (r["task"], r["length"]) == key})
                for key in {(r["task"], r["length"]) for r in rows}]
     notes = [
-        f"draft `{values('draft')}`, target `{values('target')}`; {platform.machine()} {platform.system()}, "
+        f"draft `{values('draft')}`, target `{values('target')}`, dtype {values('dtype') or 'float32'}; "
+        f"{platform.machine()} {platform.system()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"{'cuda' if torch.cuda.is_available() else 'cpu'}; greedy answers",
         f"tasks {values('task')}; lengths {values('length')}; budgets {values('budget')}; "

@@ -23,7 +23,7 @@ from draft_rag.bench.methods import KV_METHODS, Method
 from draft_rag.bench.tasks import Sample, TaskGenerator
 
 RESULTS_FILE = "results.jsonl"
-SETTINGS = ("draft", "target", "seed", "chunk_tokens", "max_new_tokens")
+SETTINGS = ("draft", "target", "dtype", "seed", "chunk_tokens", "max_new_tokens")
 """The :class:`BenchConfig` fields written into every row that, with the job itself, decide its result."""
 
 
@@ -41,6 +41,8 @@ class BenchConfig:
         chunk_tokens: size of each context document in tokens (default 256).
         max_new_tokens: cap on every answer's length (default: each task's own, 32 to 96 tokens).
         draft, target: names of the draft and target models.
+        dtype: the models' dtype (``"float32"``, ``"bfloat16"``...), as :func:`draft_rag.models.load_model`
+            chose it.
     """
 
     tasks: Sequence[str]
@@ -53,6 +55,7 @@ class BenchConfig:
     max_new_tokens: int | None = None
     draft: str = ""
     target: str = ""
+    dtype: str = ""
 
     def settings(self) -> dict[str, Any]:
         """The values of :data:`SETTINGS`, as every row of this configuration records them."""

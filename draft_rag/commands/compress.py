@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model name, id or path")
     parser.add_argument("--target-tokenizer", default=None, help="count the budget in this tokenizer's tokens")
     parser.add_argument("--lookahead-tokens", type=int, default=1)
+    parser.add_argument(
+        "--dtype", default=None, help="draft dtype, e.g. bfloat16 or float32 (default: bf16 where the hardware has it)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--cache-dir", default=None,
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         target_tokenizer=args.target_tokenizer,
         lookahead_tokens=args.lookahead_tokens,
         progress=not args.json,
+        dtype=args.dtype,
         cache=None if args.cache_dir is None else DraftCache(directory=args.cache_dir),
     )
     result = pc.compress(args.query, documents)
@@ -66,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
             ],
             "budget": result.budget,
             "total_kept_tokens": result.total_kept_tokens,
+            "dtype": str(pc.load().model.dtype).removeprefix("torch."),
+            "seconds": result.seconds,
         }
         print(json.dumps(payload, ensure_ascii=False))
         return 0

@@ -1,0 +1,46 @@
+"""The benchmark studies: the draft-cache study (overlap, one row, summary) and the dtype copies."""
+
+from __future__ import annotations
+
+from draft_rag.bench.cache_study import kept_overlap, study_sample, summarize
+from draft_rag.bench.tasks import TaskGenerator
+from tests.tiny import tiny_model, tiny_tokenizer
+
+
+def test_kept_overlap():
+    assert kept_overlap([[(0, 4)], []], [[(0, 4)], []]) == 1.0
+    assert kept_overlap([[(0, 4)]], [[(2, 6)]]) == 2 / 6
+    assert kept_overlap([[(0, 2)], []], [[], [(0, 2)]]) == 0.0  # same characters of different documents
+    assert kept_overlap([], []) == 1.0
+
+
+def test_study_row_and_summary():
+    draft = tiny_model("qwen2", seed=0)
+    sample = TaskGenerator(tiny_tokenizer(), chunk_tokens=64).sample("niah_single", 512, 0)
+    row = study_sample(draft, draft.tokenizer, sample, budget=64)
+    assert row["documents"] == len(sample.documents) > 1
+    assert row["context_tokens"] > 64
+    assert min(row["uncached_s"], row["cold_s"], row["warm_s"]) > 0
+    assert 0.0 <= row["overlap"] <= 1.0
+    assert row["cache_tokens"] >= row["context_tokens"] and row["cache_bytes"] > 0
+    table = summarize([row, {**row, "length": 1024}])
+    assert table.count("\n") == 4 and "| 512 |" in table and "| 1024 |" in table
+
+
+def test_dtype_copies_leave_the_fp32_model_alone():
+    import torch
+
+    from draft_rag.bench.dtype_study import as_dtype
+
+    base = tiny_model("qwen2", seed=0)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        reference = base.model(ids).logits
+        for dtype in ("bfloat16", "int8"):
+            copy = as_dtype(base, dtype)
+            assert copy.model is not base.model and copy.tokenizer is base.tokenizer
+            logits = copy.model(ids).logits.float()
+            assert torch.allclose(logits, reference, atol=0.1), dtype
+        assert next(as_dtype(base, "bfloat16").model.parameters()).dtype == torch.bfloat16
+        assert next(base.model.parameters()).dtype == torch.float32
+        assert torch.equal(base.model(ids).logits, reference)

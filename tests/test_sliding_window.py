@@ -3,8 +3,6 @@ a clear NotImplementedError before any compute beyond it."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig
@@ -14,7 +12,7 @@ from draft_rag.scoring import ObserverScores, ScoreReduction, check_attention_su
 from draft_rag.speckv import SpecKV
 from tests.test_scoring import naive_scores
 from tests.test_speckv import LONG_PROMPT, plain_generate
-from tests.tiny import tiny_config, tiny_model, tiny_tokenizer
+from tests.tiny import no_forward, tiny_config, tiny_model, tiny_tokenizer
 
 PROMPT_TOKENS = 277  # LONG_PROMPT in the tiny tokenizer's chat template
 WINDOW = 320
@@ -33,19 +31,6 @@ def tiny_mistral(sliding_window: int | None = WINDOW, seed: int = 0, attn: str =
               "num_key_value_heads", "max_position_embeddings", "pad_token_id", "eos_token_id")
     window = {} if sliding_window == 4096 else {"sliding_window": sliding_window}
     return build(MistralConfig(**{key: llama[key] for key in shared}, **window), seed, attn)
-
-
-@contextlib.contextmanager
-def no_forward(*loaded: LoadedModel):
-    """Fail if any of the models runs a forward pass inside the block."""
-    calls = []
-    handles = [m.model.register_forward_pre_hook(lambda *_: calls.append(1)) for m in loaded]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert not calls, "a model ran before the error"
 
 
 def test_mistral_v01_defaults_to_a_4096_window():

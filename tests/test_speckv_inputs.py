@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
 from draft_rag.speckv import SpecKV
 from tests.test_speckv import LONG_PROMPT
-from tests.tiny import tiny_model
+from tests.tiny import no_forward, tiny_model
 
 QUESTION = "What is the magic number?"
 
@@ -17,19 +15,6 @@ QUESTION = "What is the magic number?"
 @pytest.fixture(scope="module")
 def engine(tiny_pair):
     return SpecKV(target=tiny_pair[1], draft=tiny_pair[0], budget=40, window_size=8)
-
-
-@contextlib.contextmanager
-def no_forward(*loaded):
-    """Fail if any of the models runs a forward pass inside the block."""
-    calls = []
-    handles = [m.model.register_forward_pre_hook(lambda *_: calls.append(1)) for m in loaded]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert not calls, "a model ran before the error"
 
 
 def user(content):

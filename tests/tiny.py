@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 from draft_rag.bench import tiny as bench_tiny
 from draft_rag.models import LoadedModel
@@ -28,3 +30,16 @@ def tiny_config(arch: str = "qwen2", **overrides):
 def tiny_model(arch: str = "qwen2", seed: int = 0, attn: str = "sdpa", **overrides) -> LoadedModel:
     overrides.setdefault("max_position_embeddings", 4096)
     return bench_tiny.tiny_model(tiny_tokenizer(), arch=arch, seed=seed, attn=attn, **overrides)
+
+
+@contextlib.contextmanager
+def no_forward(*loaded: LoadedModel) -> Iterator[None]:
+    """Fail if any of the models runs a forward pass inside the block (errors must come before any compute)."""
+    calls = []
+    handles = [m.model.register_forward_pre_hook(lambda *_: calls.append(1)) for m in loaded]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not calls, "a model ran before the error"

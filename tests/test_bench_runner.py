@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -164,6 +165,10 @@ def test_peak_rss_sees_a_short_lived_allocation():
         before = peak[0]
         block = np.ones(64 * 2**20 // 8)
         block.sum()
+        # Live for at most 2 s: long enough for the sampling thread to be scheduled on a loaded machine.
+        deadline = time.monotonic() + 2.0
+        while peak[0] < before + 48 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.005)
         del block
     assert peak[0] >= before + 48 * 2**20
 

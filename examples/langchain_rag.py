@@ -112,6 +112,8 @@ def make_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--chunk-chars", type=int, default=1200, help="chunk size in characters (default 1200)")
     parser.add_argument("--no-compress", action="store_true", help="send the full retrieved chunks")
     parser.add_argument("--no-cache", action="store_true", help="compress without the draft cache")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="also keep the draft cache in this directory, so later runs start warm")
     parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct", help="SpecPC draft model")
     parser.add_argument("--max-tokens", type=int, default=64, help="most answer tokens (default 64)")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
@@ -125,7 +127,7 @@ def compressed(retriever: BaseRetriever, args: argparse.Namespace, target_tokeni
 
     from draft_rag import DraftCache
 
-    cache = None if getattr(args, "no_cache", False) else DraftCache()
+    cache = None if getattr(args, "no_cache", False) else DraftCache(directory=getattr(args, "cache_dir", None))
     compressor = DraftContextCompressor(
         draft=args.draft, budget=args.budget, target_tokenizer=target_tokenizer, cache=cache
     )

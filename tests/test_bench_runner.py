@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import json
-import time
+import subprocess
+import sys
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import pytest
 
 from draft_rag.bench.methods import Outcome, build_methods
@@ -13,7 +13,6 @@ from draft_rag.bench.runner import (
     RESULTS_FILE,
     SETTINGS,
     BenchConfig,
-    peak_rss,
     plan,
     read_rows,
     run_bench,
@@ -160,17 +159,28 @@ def test_summary_and_plot_files(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+PEAK_PROBE = """
+import mmap, time
+from draft_rag.bench.runner import peak_rss
+
+with peak_rss(interval=0.001) as peak:
+    before = peak[0]
+    # A fresh anonymous mapping, every page written: new resident memory that no allocator can recycle.
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\\x01" * len(block))
+    deadline = time.monotonic() + 2.0  # live until sampled (at most 2 s), even on a loaded machine
+    while peak[0] < before + 48 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    block.close()
+print(peak[0] - before)
+"""
+
+
 def test_peak_rss_sees_a_short_lived_allocation():
-    with peak_rss(interval=0.001) as peak:
-        before = peak[0]
-        block = np.ones(64 * 2**20 // 8)
-        block.sum()
-        # Live for at most 2 s: long enough for the sampling thread to be scheduled on a loaded machine.
-        deadline = time.monotonic() + 2.0
-        while peak[0] < before + 48 * 2**20 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        del block
-    assert peak[0] >= before + 48 * 2**20
+    # In a fresh process: in a long test run that holds several models, memory freed elsewhere and pages
+    # the kernel reclaims can hide a 64 MiB rise of the resident set.
+    done = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, timeout=120, check=True)
+    assert int(done.stdout.strip()) >= 48 * 2**20
 
 
 def test_build_methods_rejects_unknown_names_and_explains_skips(tiny_pair):

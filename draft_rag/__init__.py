@@ -19,8 +19,8 @@ _EXPORTS = {
     "CompressionResult": "draft_rag.specpc",
     "CompressedDocument": "draft_rag.specpc",
     "DraftCache": "draft_rag.draft_cache",
-    "SpecKV": "draft_rag.speckv",
-    "GenerationResult": "draft_rag.speckv",
+    "SpecKV": "draft_rag.generation",
+    "GenerationResult": "draft_rag.generation",
     "LoadedModel": "draft_rag.models",
     "load_model": "draft_rag.models",
     "ScoreReduction": "draft_rag.scoring",
@@ -30,9 +30,9 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from draft_rag.draft_cache import DraftCache
+    from draft_rag.generation import GenerationResult, SpecKV
     from draft_rag.models import LoadedModel, load_model
     from draft_rag.scoring import ObserverScores, ScoreReduction
-    from draft_rag.speckv import GenerationResult, SpecKV
     from draft_rag.specpc import CompressedDocument, CompressionResult, SpecPC
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig
 
+from draft_rag.generation import SpecKV
 from draft_rag.models import LoadedModel
 from draft_rag.scoring import ObserverScores, ScoreReduction, check_attention_support, prefill
-from draft_rag.speckv import SpecKV
 from tests.test_scoring import naive_scores
 from tests.test_speckv import LONG_PROMPT, plain_generate
 from tests.tiny import no_forward, tiny_config, tiny_model, tiny_tokenizer

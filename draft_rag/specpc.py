@@ -105,6 +105,10 @@ class CompressionResult:
     budget: int
     seconds: float = 0.0
     draft_prompt_tokens: int = 0
+    lookahead_text: str = ""
+    """The draft's greedy continuation whose queries observed (``lookahead_tokens - 1`` tokens at most, cut
+    at its end of turn), decoded; empty when the draft did not run or generated nothing. SpecKV's cascade
+    reuses it as the draft answer."""
 
     @property
     def total_kept_tokens(self) -> int:
@@ -248,10 +252,11 @@ class SpecPC:
             return CompressionResult(blanks, query, self.budget, time.perf_counter() - started)
         prompt = _DraftPrompt(draft.tokenizer, query, documents)
         _check_length(prompt, draft, self.lookahead_tokens)
-        scores = self._score_context(draft, prompt)
+        scores, lookahead = self._score_context(draft, prompt)
         compressed = self._fit_budget(prompt, scores, counter, originals)
         return CompressionResult(
-            compressed, query, self.budget, time.perf_counter() - started, len(prompt.input_ids)
+            compressed, query, self.budget, time.perf_counter() - started, len(prompt.input_ids),
+            draft.tokenizer.decode(lookahead, skip_special_tokens=True),
         )
 
     def warm(self, documents: Sequence[str]) -> None:
@@ -276,8 +281,8 @@ class SpecPC:
         prefix_ids, chunks = _DraftPrompt(draft.tokenizer, "", documents).cache_chunks()
         self.cache.add(draft, prefix_ids, chunks, chunk_size=self.chunk_size, progress=self.progress)
 
-    def _score_context(self, draft: LoadedModel, prompt: _DraftPrompt) -> torch.Tensor:
-        """Pooled draft attention score of every prompt position, ``[n]``."""
+    def _score_context(self, draft: LoadedModel, prompt: _DraftPrompt) -> tuple[torch.Tensor, list[int]]:
+        """Pooled draft attention score of every prompt position ``[n]``, and the lookahead tokens generated."""
         import torch
         from tqdm.auto import tqdm
 
@@ -309,14 +314,16 @@ class SpecPC:
         with draft.lock, scorer, tqdm(total=n - start, desc="SpecPC draft prefill", unit="tok",
                                       disable=None if self.progress is None else not self.progress) as bar:
             cache, logits = prefill(model, ids[:, start:], past, chunk_size=self.chunk_size, progress=bar.update)
+            generated: list[int] = []
             for _ in range(extra):
                 token = logits.argmax(dim=-1, keepdim=True)
                 if token.item() in stops:
                     break
+                generated.append(int(token.item()))
                 _, logits = prefill(model, token, cache)
         per_layer = scorer.scores()[:, 0, :, :n]  # [layers, kv_heads, n]
         per_key = per_layer.amax(dim=1) if self.reduction == "max" else per_layer.mean(dim=1)
-        return pool_scores(per_key.amax(dim=0), self.kernel_size, self.pool)
+        return pool_scores(per_key.amax(dim=0), self.kernel_size, self.pool), generated
 
     def _fit_budget(
         self,

@@ -38,7 +38,7 @@ def make(draft, cache=None, **kwargs):
 
 def scores(pc, query, documents):
     draft = pc.load()
-    return pc._score_context(draft, _DraftPrompt(draft.tokenizer, query, documents))
+    return pc._score_context(draft, _DraftPrompt(draft.tokenizer, query, documents))[0]
 
 
 def question_start(draft, query, documents):

@@ -1,0 +1,116 @@
+"""How long SpecKV's draft answer should be: accuracy and time per lookahead length, on a tuning seed.
+
+For every benchmark sample (tasks and seed on the command line; use a seed the reported benchmark does not
+use), the same generation runs once per lookahead length in one process: ``0`` is SnapKV (no draft, the
+prompt window alone observes), ``N`` is SpecKV whose draft answers with at most ``N`` tokens. A row records
+the answer's score, the draft's time, time to first token and the whole call's time. Rows are appended to
+a JSON-lines file as they are made; a rerun skips the rows already there.
+
+    python -m draft_rag.bench.lookahead_study --length 2048 --kv-budget 128 --seed 1 --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from draft_rag.bench.tasks import TASKS, TaskGenerator
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
+
+RESULTS_FILE = "lookahead.jsonl"
+SUMMARY_FILE = "lookahead.md"
+LOOKAHEADS = (0, 8, 16, 32, 64)
+
+
+def study_row(engine: Any, sample: Any, lookahead: int) -> dict[str, Any]:
+    """Generate ``sample``'s answer with ``engine`` (already set to ``lookahead``) and time it."""
+    started = time.perf_counter()
+    result = engine.generate(sample.prompt(), max_new_tokens=sample.max_new_tokens)
+    return {
+        "task": sample.task, "length": sample.length, "sample_id": sample.sample_id, "lookahead": lookahead,
+        "max_new_tokens": sample.max_new_tokens, "prompt_tokens": result.prompt_tokens,
+        "score": sample.score(result.text), "answer": result.text,
+        "draft_s": result.timings.get("draft_s", 0.0), "ttft_s": result.timings["ttft_s"],
+        "total_s": time.perf_counter() - started,
+    }
+
+
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """A markdown table: per lookahead, n, accuracy overall and per task, mean draft / TTFT / total seconds."""
+    tasks = sorted({r["task"] for r in rows})
+    lines = [
+        "| lookahead | n | accuracy | " + " | ".join(tasks) + " | draft s | TTFT s | total s | TTFT vs 0 |",
+        "|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
+    ]
+    base = [r["ttft_s"] for r in rows if r["lookahead"] == 0]
+    base_ttft = sum(base) / len(base) if base else None
+    for lookahead in sorted({r["lookahead"] for r in rows}):
+        group = [r for r in rows if r["lookahead"] == lookahead]
+
+        def mean(key: str, rows: list[dict[str, Any]] = group) -> float:
+            return sum(r[key] for r in rows) / len(rows)
+
+        per_task = []
+        for task in tasks:
+            cell = [r for r in group if r["task"] == task]
+            per_task.append(f"{100 * mean('score', cell):.0f}% (n={len(cell)})" if cell else "—")
+        ratio = f"{mean('ttft_s') / base_ttft:.2f}x" if base_ttft else "—"
+        label = "0 (SnapKV)" if lookahead == 0 else str(lookahead)
+        lines.append(
+            f"| {label} | {len(group)} | {100 * mean('score'):.0f}% | " + " | ".join(per_task)
+            + f" | {mean('draft_s'):.1f} | {mean('ttft_s'):.1f} | {mean('total_s'):.1f} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["niah_multikey", "niah_multivalue", "qa"])
+    parser.add_argument("--length", type=int, default=2048, help="prompt tokens (default 2048)")
+    parser.add_argument("--samples", type=int, default=2, help="samples per task (default 2)")
+    parser.add_argument("--lookaheads", nargs="+", type=int, default=list(LOOKAHEADS),
+                        help="draft answer lengths; 0 runs SnapKV (default 0 8 16 32 64)")
+    parser.add_argument("--kv-budget", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=1, help="task seed (default 1, a tuning seed)")
+    parser.add_argument("--chunk-tokens", type=int, default=256)
+    parser.add_argument("--draft", default=DEFAULT_DRAFT)
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args(argv)
+
+    from draft_rag import SpecKV
+
+    target = load_model(args.target, dtype=args.dtype)
+    draft = load_model(args.draft, dtype=args.dtype)
+    generator = TaskGenerator(target.tokenizer, seed=args.seed, chunk_tokens=args.chunk_tokens)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / RESULTS_FILE
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    done = {(r["task"], r["length"], r["sample_id"], r["lookahead"], r["kv_budget"], r["seed"]) for r in rows}
+    engines = {
+        la: SpecKV(target=target, draft=draft, method="snapkv" if la == 0 else "speckv", budget=args.kv_budget,
+                   lookahead_tokens=la or None)
+        for la in args.lookaheads
+    }
+    for task in args.tasks:
+        for sample in generator.samples(task, args.length, args.samples):
+            for lookahead, engine in engines.items():
+                if (task, args.length, sample.sample_id, lookahead, args.kv_budget, args.seed) in done:
+                    continue
+                row = study_row(engine, sample, lookahead) | {"kv_budget": args.kv_budget, "seed": args.seed}
+                rows.append(row)
+                with open(path, "a", encoding="utf-8") as sink:
+                    sink.write(json.dumps(row) + "\n")
+                print(f"{task} #{sample.sample_id} lookahead {lookahead}: score {row['score']:.2f}, draft "
+                      f"{row['draft_s']:.1f} s, TTFT {row['ttft_s']:.1f} s", flush=True)
+    (args.out / SUMMARY_FILE).write_text(summarize(rows))
+    print(summarize(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -120,11 +120,14 @@ class ScoreReduction:
         weighted_query: first scale observer row ``i`` of ``|O|`` by ``i / (|O| - 1)``, a linear ramp from
             0 for the oldest observer to 1 for the newest (1 when there is a single observer), so tokens
             near the end of the prompt speak loudest.
+        ramp_rows: with ``weighted_query``, ramp over the first ``ramp_rows`` observers only (the prompt
+            window) and weigh the later ones (lookahead tokens) 1; None (default) ramps over all.
     """
 
     heads: Reduction = "max"
     observers: Reduction = "max"
     weighted_query: bool = False
+    ramp_rows: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("heads", "observers"):
@@ -133,11 +136,16 @@ class ScoreReduction:
                 raise ValueError(msg)
 
 
-def observer_weights(num_observers: int, device: torch.device | None = None) -> torch.Tensor:
-    """The ``weighted_query`` ramp: 0 for the oldest observer, 1 for the newest."""
-    if num_observers == 1:
-        return torch.ones(1, device=device)
-    return torch.linspace(0.0, 1.0, num_observers, device=device)
+def observer_weights(
+    num_observers: int, device: torch.device | None = None, ramp_rows: int | None = None
+) -> torch.Tensor:
+    """The ``weighted_query`` ramp: 0 for the oldest observer, 1 for the newest.
+
+    With ``ramp_rows``, the ramp spans the first ``ramp_rows`` observers and every later one weighs 1.
+    """
+    ramp = num_observers if ramp_rows is None else min(ramp_rows, num_observers)
+    rising = torch.ones(1, device=device) if ramp == 1 else torch.linspace(0.0, 1.0, ramp, device=device)
+    return torch.cat([rising, torch.ones(num_observers - ramp, device=device)])
 
 
 def observer_attention(
@@ -238,7 +246,11 @@ class ObserverScores:
         self.block_size = block_size
         self._attention = list(attention_modules(model))
         self._layers = set(range(len(self._attention)) if layers is None else layers)
-        self._weights = observer_weights(num_observers) if self.reduction.weighted_query else None
+        self._weights = (
+            observer_weights(num_observers, ramp_rows=self.reduction.ramp_rows)
+            if self.reduction.weighted_query
+            else None
+        )
         self._sums: dict[int, torch.Tensor] = {}
         self._seen: dict[int, int] = {}
         self._handles: list[Any] = []
@@ -270,6 +282,16 @@ class ObserverScores:
                 total = total / self._seen[index]
             out.append(total)
         return torch.stack(out)
+
+    def pop_layer(self, layer_index: int) -> torch.Tensor:
+        """``[batch, kv_heads, n]`` scores of one layer so far, forgotten by the scorer (freeing their memory).
+
+        For a layer that has seen all its observers, e.g. right after its attention ran in a forward pass that
+        held every observer; :meth:`scores` then no longer includes that layer.
+        """
+        total = self._sums.pop(layer_index)
+        seen = self._seen.pop(layer_index)
+        return total / seen if self.reduction.observers == "mean" else total
 
     def _make_hook(self, layer_index: int) -> Callable[..., None]:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:

@@ -147,6 +147,13 @@ class SpecPC:
         observer_reduction: how observer rows are combined, ``"max"`` or ``"mean"`` (``"max"``).
         neighbor_tokens: each selected token brings its centred neighbourhood of this many tokens (64).
         weighted_query: scale observer rows by a 0 → 1 ramp from oldest to newest first (True).
+        observe_from: ``"window"`` (default): the last ``window_size`` prompt positions observe;
+            ``"question"``: the observers start at the question instead (its ``Question:`` line and the
+            template's end), so a short question is not padded out with the tail of the last document.
+        document_boundaries: pooling and neighbourhoods stop at document edges, so a hit near the end of
+            one document neither lifts nor keeps the start of the next (False).
+        ramp_window_only: with ``weighted_query``, the ramp spans the prompt observers only and every
+            lookahead row weighs 1 (False: the ramp spans all observers).
         target_tokenizer: tokenizer (or name/path) of the model that will read the result, for counting.
         chunk_size: prefill chunk length, bounding activation memory on long inputs (2048).
         elision_marker: placed between kept spans, and at either end where text was cut (``" … "``).
@@ -178,6 +185,9 @@ class SpecPC:
     observer_reduction: Reduction = "max"
     neighbor_tokens: int = 64
     weighted_query: bool = True
+    observe_from: str = "window"
+    document_boundaries: bool = False
+    ramp_window_only: bool = False
     target_tokenizer: str | PreTrainedTokenizerBase | None = None
     chunk_size: int = 2048
     elision_marker: str = ELISION_MARKER
@@ -195,7 +205,7 @@ class SpecPC:
             check_int(f"SpecPC {name}", getattr(self, name), minimum)
             setattr(self, name, int(getattr(self, name)))
         for name, allowed in (("pool", ("max", "avg")), ("reduction", ("max", "mean")),
-                              ("observer_reduction", ("max", "mean"))):
+                              ("observer_reduction", ("max", "mean")), ("observe_from", ("window", "question"))):
             if getattr(self, name) not in allowed:
                 msg = f"SpecPC {name} must be one of {allowed}, got {getattr(self, name)!r}."
                 raise ValueError(msg)
@@ -282,26 +292,21 @@ class SpecPC:
         self.cache.add(draft, prefix_ids, chunks, chunk_size=self.chunk_size, progress=self.progress)
 
     def _score_context(self, draft: LoadedModel, prompt: _DraftPrompt) -> tuple[torch.Tensor, list[int]]:
-        """Pooled draft attention score of every prompt position ``[n]``, and the lookahead tokens generated."""
+        """Draft attention score of every prompt position ``[n]`` (not pooled), and the lookahead tokens generated."""
         import torch
         from tqdm.auto import tqdm
 
-        from draft_rag.scoring import (
-            ObserverScores,
-            ScoreReduction,
-            check_attention_support,
-            pool_scores,
-            prefill,
-        )
+        from draft_rag.scoring import ObserverScores, ScoreReduction, check_attention_support, prefill
 
         model = draft.model
         n = len(prompt.input_ids)
-        window = min(self.window_size, n)
+        window = n - prompt.question_start if self.observe_from == "question" else min(self.window_size, n)
         extra = max(self.lookahead_tokens - 1, 0)
         check_attention_support(model, n + extra)
         num_layers = model.config.num_hidden_layers
         first_layer = min(self.starting_layer_index, num_layers - 1)
-        reduction = ScoreReduction(self.reduction, self.observer_reduction, self.weighted_query)
+        reduction = ScoreReduction(self.reduction, self.observer_reduction, self.weighted_query,
+                                   window if self.ramp_window_only else None)
         ids = torch.tensor([prompt.input_ids], device=draft.device)
         stops = set(stop_token_ids(draft))
         scorer = ObserverScores(model, n - window, window + extra, reduction, range(first_layer, num_layers))
@@ -323,7 +328,7 @@ class SpecPC:
                 _, logits = prefill(model, token, cache)
         per_layer = scorer.scores()[:, 0, :, :n]  # [layers, kv_heads, n]
         per_key = per_layer.amax(dim=1) if self.reduction == "max" else per_layer.mean(dim=1)
-        return pool_scores(per_key.amax(dim=0), self.kernel_size, self.pool), generated
+        return per_key.amax(dim=0), generated
 
     def _fit_budget(
         self,
@@ -333,10 +338,19 @@ class SpecPC:
         originals: list[int],
     ) -> list[CompressedDocument]:
         """The documents rebuilt from the largest token selection whose text fits the budget."""
-        context_scores = scores[prompt.context_positions()]
+        from draft_rag.scoring import pool_scores
+
+        segments = prompt.context_segments() if self.document_boundaries else None
+        if segments is None:
+            context_scores = pool_scores(scores, self.kernel_size, self.pool)[prompt.context_positions()]
+        else:
+            import torch
+
+            context = scores[prompt.context_positions()]
+            context_scores = torch.cat([pool_scores(context[a:b], self.kernel_size, self.pool) for a, b in segments])
 
         def build(draft_budget: int) -> list[CompressedDocument]:
-            kept = select_tokens(context_scores, draft_budget, self.neighbor_tokens)
+            kept = select_tokens(context_scores, draft_budget, self.neighbor_tokens, segments)
             return self._rebuild(prompt, kept.tolist(), context_scores, counter, originals)
 
         return fit_to_budget(build, self.budget)
@@ -392,12 +406,15 @@ def fit_to_budget(
     return best if best is not None else build(0)
 
 
-def select_tokens(scores: torch.Tensor, budget: int, neighbor_tokens: int) -> torch.Tensor:
+def select_tokens(
+    scores: torch.Tensor, budget: int, neighbor_tokens: int, segments: list[tuple[int, int]] | None = None
+) -> torch.Tensor:
     """Indices (sorted) of at most ``budget`` positions: top scores, each with its centred neighbourhood.
 
     Positions are visited by descending score (ties: earlier first); each visit adds the not-yet-kept
     positions of ``[p - neighbor_tokens // 2, p - neighbor_tokens // 2 + neighbor_tokens)``, nearest to
-    ``p`` first, until ``budget`` positions are kept.
+    ``p`` first, until ``budget`` positions are kept. With ``segments`` (``(start, end)`` ranges that
+    tile the positions, e.g. documents), a neighbourhood is clipped to the segment holding ``p``.
     """
     import torch
 
@@ -411,8 +428,13 @@ def select_tokens(scores: torch.Tensor, budget: int, neighbor_tokens: int) -> to
     kept = torch.zeros(m, dtype=torch.bool)
     count = 0
     half = neighbor_tokens // 2
+    bounds = torch.zeros(m, 2, dtype=torch.long)
+    bounds[:, 1] = m
+    for start, end in segments or []:
+        bounds[start:end] = torch.tensor([start, end])
     for center in order.tolist():
-        lo, hi = max(center - half, 0), min(center - half + neighbor_tokens, m)
+        first, last = bounds[center].tolist()
+        lo, hi = max(center - half, first), min(center - half + neighbor_tokens, last)
         window = torch.arange(lo, hi)
         fresh = window[~kept[lo:hi]]
         if fresh.numel() == 0:
@@ -531,6 +553,7 @@ class _DraftPrompt:
             self.input_ids += encoded["input_ids"] + _encode(tokenizer, "\n\n")
         question_ids = _encode(tokenizer, f"Question: {query}{suffix}")
         self.question_tokens = len(prefix_ids) + len(question_ids)
+        self.question_start = len(self.input_ids)
         self.input_ids += question_ids
 
     def context_positions(self) -> torch.Tensor:
@@ -540,6 +563,15 @@ class _DraftPrompt:
         lengths = [len(o) for o in self.offsets if o is not None]
         return torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, lengths)])
 
+    def context_segments(self) -> list[tuple[int, int]]:
+        """Each non-blank document's ``(start, end)`` among the context positions, in order."""
+        segments, start = [], 0
+        for offsets in self.offsets:
+            if offsets is not None:
+                segments.append((start, start + len(offsets)))
+                start += len(offsets)
+        return segments
+
     def cache_chunks(self) -> tuple[list[int], list[Chunk]]:
         """The shared prefix's token ids and each non-blank document as a draft cache :class:`Chunk`.
 
@@ -548,8 +580,7 @@ class _DraftPrompt:
         """
         from draft_rag.draft_cache import Chunk
 
-        question_start = len(self.input_ids) - (self.question_tokens - self.starts[0])
-        ends = [*self.starts[1:], question_start]
+        ends = [*self.starts[1:], self.question_start]
         documents = [(doc, spans) for doc, spans in zip(self.documents, self.offsets) if spans is not None]
         chunks = [Chunk(doc, self.input_ids[start:end], spans)
                   for (doc, spans), start, end in zip(documents, self.starts, ends)]

@@ -217,3 +217,50 @@ def test_snap_and_join_spans():
     assert join_spans(source, [(6, 10)], " … ") == "… beta …"
     assert join_spans(source, [(0, 5), (23, 30)], " … ") == "alpha … epsilon"
     assert join_spans(source, [(0, len(source))], " … ") == source
+
+
+def test_observers_from_the_question_equal_a_window_of_the_question_length(draft):
+    from draft_rag.specpc import _DraftPrompt
+
+    prompt = _DraftPrompt(draft.tokenizer, QUERY, DOCS)
+    question_window = len(prompt.input_ids) - prompt.question_start
+    by_question = make(draft, observe_from="question", window_size=3).compress(QUERY, DOCS)
+    by_window = make(draft, window_size=question_window).compress(QUERY, DOCS)
+    assert [d.spans for d in by_question.documents] == [d.spans for d in by_window.documents]
+    assert by_question.total_kept_tokens <= 48
+
+
+def test_observe_from_is_checked(draft):
+    with pytest.raises(ValueError, match="observe_from"):
+        make(draft, observe_from="everything")
+
+
+def test_neighbourhoods_stop_at_segment_edges():
+    scores = torch.zeros(12)
+    scores[5] = 1.0  # the last position of the first segment
+    assert select_tokens(scores, 4, 4).tolist() == [3, 4, 5, 6]
+    # clipped, not shifted: 3, 4, 5 from the hit, then the next best position (a tie: the earliest)
+    assert select_tokens(scores, 4, 4, [(0, 6), (6, 12)]).tolist() == [0, 3, 4, 5]
+    assert select_tokens(scores, 4, 4, [(0, 12)]).tolist() == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("budget", [20, 48])
+def test_document_boundaries_keep_every_span_inside_its_document(draft, budget):
+    result = make(draft, budget=budget, document_boundaries=True, lookahead_tokens=3).compress(QUERY, DOCS)
+    assert result.total_kept_tokens <= budget
+    for doc, source in zip(result.documents, DOCS):
+        assert all(0 <= a < b <= len(source) for a, b in doc.spans)
+
+
+def test_window_only_ramp_changes_nothing_without_lookahead_rows(draft):
+    plain = make(draft).compress(QUERY, DOCS)
+    ramped = make(draft, ramp_window_only=True).compress(QUERY, DOCS)
+    assert [d.spans for d in plain.documents] == [d.spans for d in ramped.documents]
+
+
+def test_window_only_ramp_weighs_lookahead_rows_one():
+    from draft_rag.scoring import observer_weights
+
+    assert observer_weights(5, ramp_rows=3).tolist() == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert observer_weights(3).tolist() == [0.0, 0.5, 1.0]
+    assert observer_weights(1, ramp_rows=1).tolist() == [1.0]

@@ -21,31 +21,28 @@ Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
 
 
-def as_messages(prompt: str | Sequence[Mapping[str, Any]]) -> Messages:
+def as_messages(prompt: str | Sequence[Mapping[str, Any]], name: str = "prompt") -> Messages:
     """One prompt as chat messages ``[{"role", "content"}]``, checked before any model runs.
 
     A string becomes one user message. In a list of messages each must be a dict with a ``role`` of
     ``"system"``, ``"user"`` or ``"assistant"`` and a ``content`` that is a string (``""`` is fine) or a list
     of OpenAI-style text blocks ``{"type": "text", "text": ...}``, which are joined with newlines. Other
     blocks (images, audio, files) raise ValueError; other keys of a message are dropped. Text may hold any
-    character, NUL included, except lone surrogates (not encodable Unicode). A batch (a list of strings or
-    of message lists) raises NotImplementedError.
+    character, NUL included, except lone surrogates (not encodable Unicode). Errors name the prompt
+    ``name`` (``prompt``, or ``prompts[i]`` for an item of a batch).
     """
     if isinstance(prompt, str):
-        messages = [{"role": "user", "content": check_text("prompt", prompt)}]
+        messages = [{"role": "user", "content": check_text(name, prompt)}]
     elif isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
         msg = (
-            f"prompt must be a string or a list of {{'role', 'content'}} dicts, got {type(prompt).__name__}; "
+            f"{name} must be a string or a list of {{'role', 'content'}} dicts, got {type(prompt).__name__}; "
             "decode bytes to str first."
         )
         raise TypeError(msg)
-    elif prompt and all(isinstance(m, (str, list, tuple)) for m in prompt):
-        msg = "batches of prompts are not supported yet; call generate() once per prompt."
-        raise NotImplementedError(msg)
     else:
-        messages = [_message(f"prompt[{i}]", message) for i, message in enumerate(prompt)]
+        messages = [_message(f"{name}[{i}]", message) for i, message in enumerate(prompt)]
     if not any(m["content"].strip() for m in messages):
-        msg = "prompt is empty; pass the text to answer (a non-empty string or messages with content)."
+        msg = f"{name} is empty; pass the text to answer (a non-empty string or messages with content)."
         raise ValueError(msg)
     return messages
 
@@ -213,13 +210,31 @@ def decode_steps(
 
 def forward_token(model: PreTrainedModel, cache: Cache, token: int, position: int) -> torch.Tensor:
     """Run one token at true position ``position`` against ``cache``; return logits ``[1, vocab]``."""
+    return forward_tokens(model, cache, [token], [position])
+
+
+def forward_tokens(
+    model: PreTrainedModel,
+    cache: Cache,
+    tokens: Sequence[int],
+    positions: Sequence[int],
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run one token per sequence of a batched ``cache``, each at its own true position; logits ``[batch, vocab]``.
+
+    ``padding_mask`` (``[batch, cached entries]``, False where a sequence's cache row is left padding) is
+    needed when the sequences' caches were of different lengths; ``None`` means no row is padded.
+    """
     device = model.device
     kwargs: dict[str, Any] = {
-        "input_ids": torch.tensor([[token]], device=device),
-        "position_ids": torch.tensor([[position]], device=device),
+        "input_ids": torch.tensor(tokens, device=device)[:, None],
+        "position_ids": torch.tensor(positions, device=device)[:, None],
         "past_key_values": cache,
         "use_cache": True,
     }
+    if padding_mask is not None:
+        new = torch.ones(len(tokens), 1, dtype=torch.bool, device=device)
+        kwargs["attention_mask"] = torch.cat([padding_mask.to(device), new], dim=1)
     with torch.inference_mode():
         return model(**kwargs).logits[:, -1]
 

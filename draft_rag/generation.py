@@ -9,8 +9,13 @@ One generation, top to bottom:
    keys are scored (max over the group's query heads and the observers, max-pooled over positions).
 3. Eviction: drop the draft answer's and the last prompt token's KV; each KV head keeps the ``window_size``
    positions before the last prompt token and its best-scored older positions, ``budget - 1`` in all.
+   With the default one-pass prefill each layer is evicted as soon as its attention has run, so the full
+   cache of all layers never exists at once (see :mod:`draft_rag.kv.base`).
 4. The last prompt token runs against the compressed cache at its original position (so the prompt
    cache holds ``budget`` entries per KV head), then decoding continues at the original positions.
+
+A batch of prompts runs steps 1-3 one prompt at a time, then stacks the compressed caches (left-padded,
+with an attention mask) and decodes them together, each prompt at its own positions until it finishes.
 
 Every argument is checked, and the prompt tokenized, before any model runs. Each step that computes (the
 draft answer, the target prefill with eviction, each decode step) holds that model's
@@ -25,29 +30,42 @@ live only during the prefill.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast, overload
+
+import torch
+import torch.nn.functional as F
 
 from draft_rag.decoding import (
     Sampler,
     TextStream,
     as_messages,
     chat_prompt_ids,
-    decode_steps,
-    forward_token,
+    forward_tokens,
     stop_strings,
 )
-from draft_rag.kv import METHODS, KVEviction
+from draft_rag.kv import METHODS, KVEviction, KVPeak, cache_bytes
+from draft_rag.kv.base import layer_bytes
 from draft_rag.kv.speckv import draft_answer
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, LoadedModel, load_model, stop_token_ids
 from draft_rag.scoring import ScoreReduction, check_attention_support, check_int
 
 if TYPE_CHECKING:
-    import torch
     from transformers import Cache
+    from typing_extensions import Unpack
 
 Prompt = str | Sequence[dict[str, Any]]
+
+
+class GenerationSettings(TypedDict, total=False):
+    """The decoding settings that :meth:`SpecKV.generate` and :meth:`SpecKV.stream` take by keyword."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: str | Sequence[str] | None
+    seed: int | None
 
 
 @dataclass
@@ -56,9 +74,17 @@ class GenerationResult:
 
     ``kv_entries_*`` count prompt KV entries per layer and KV head (the unit of ``budget``); ``kv_bytes_*``
     are the prompt cache's keys and values over all layers and heads (tokens generated afterwards add the
-    same to both). ``timings`` holds ``draft_s``, ``prefill_s`` (target prefill, scoring and eviction),
-    ``ttft_s`` (call to first token), ``decode_s`` (first to last token) and ``tokens_per_s`` (decode steps
-    per second after the first token). ``token_ids`` are the generated token ids, end-of-turn token included.
+    same to both). ``peak_kv_bytes`` is the most key and value bytes the target's cache held at any moment
+    of the call, prefill (with the draft answer's entries, before eviction) and decoding included.
+    ``timings`` holds ``draft_s`` (the draft's answer), ``prefill_s`` (target prefill, scoring and
+    eviction), ``ttft_s`` (call to first token), ``decode_s`` (first to last token) and ``tokens_per_s``
+    (decode steps per second after the first token). ``token_ids`` are the generated token ids, end-of-turn
+    token included.
+
+    In a batch, ``draft_s`` and ``prefill_s`` are this prompt's own; ``ttft_s`` counts from the call's
+    start, so it includes the prompts prefilled before this one and the batch's first step; ``decode_s``
+    and ``tokens_per_s`` are over decode steps shared with the other prompts; ``peak_kv_bytes`` is the
+    whole batch's (the compressed caches waiting for the others, and the stacked cache).
     """
 
     text: str
@@ -69,6 +95,7 @@ class GenerationResult:
     kv_entries_full: int
     kv_bytes_kept: int
     kv_bytes_full: int
+    peak_kv_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)
 
@@ -91,7 +118,11 @@ class SpecKV:
         reduction: ``"max"`` (default) or ``"mean"`` over a KV group's query heads and over observers.
         lookahead_tokens: draft answer length; ``None`` (default) means up to ``max_new_tokens``.
         sink_tokens: first positions StreamingLLM always keeps (default 4).
-        chunk_size: prefill chunk length (default 2048).
+        chunk_size: ``None`` (default) prefills the prompt (and the draft answer) in one forward pass and
+            evicts each layer's cache right after that layer's attention, so the full prompt cache never
+            exists at once (peak: the compressed layers plus one full layer). A number prefills in chunks
+            of that many tokens, which bounds the activations' memory, and evicts afterwards: then the
+            full prompt cache exists at the peak.
         device, dtype: passed to :func:`~draft_rag.models.load_model` for models given by name.
 
     The engine is thread-safe, and so is sharing its models with other engines and SpecPC compressors:
@@ -110,7 +141,7 @@ class SpecKV:
         reduction: str = "max",
         lookahead_tokens: int | None = None,
         sink_tokens: int = 4,
-        chunk_size: int = 2048,
+        chunk_size: int | None = None,
         device: str | None = None,
         dtype: torch.dtype | str | None = None,
     ) -> None:
@@ -127,7 +158,8 @@ class SpecKV:
                 "sink_tokens": sink_tokens,
             }
             self.eviction = build_eviction(method, **knobs)
-        check_int("chunk_size", chunk_size, 1)
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, 1)
         self.chunk_size = chunk_size
         self.target = load_model(target, device=device, dtype=dtype)
         self.draft = load_model(draft, device=device, dtype=dtype) if self.eviction.uses_draft else None
@@ -138,37 +170,68 @@ class SpecKV:
         """The eviction method's name (``"speckv"``, ``"snapkv"``, ``"streamingllm"`` or ``"full"``)."""
         return self.eviction.name
 
+    @overload
+    def generate(
+        self, prompt: list[Prompt] | tuple[Prompt, ...], **settings: Unpack[GenerationSettings]
+    ) -> list[GenerationResult]: ...
+
+    @overload
+    def generate(self, prompt: Prompt, **settings: Unpack[GenerationSettings]) -> GenerationResult: ...
+
     def generate(
         self,
-        prompt: Prompt,
+        prompt: Prompt | list[Prompt] | tuple[Prompt, ...],
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
-    ) -> GenerationResult:
-        """Answer one prompt.
+    ) -> GenerationResult | list[GenerationResult]:
+        """Answer one prompt, or a batch of prompts.
 
         Args:
             prompt: a string (one user message in the target's chat template) or a list of
-                ``{"role", "content"}`` messages (see :func:`~draft_rag.decoding.as_messages`).
-            max_new_tokens: most tokens to generate, an integer >= 1 (default 256).
+                ``{"role", "content"}`` messages (see :func:`~draft_rag.decoding.as_messages`); or a batch:
+                a list of such prompts (strings or message lists), answered together.
+            max_new_tokens: most tokens to generate (per prompt), an integer >= 1 (default 256).
             temperature: 0 (default) is greedy; above 0 samples. A finite number >= 0.
             top_p: nucleus sampling mass in (0, 1] (default 1.0).
             stop: a string or a list of strings; the text is cut before the first one generated. Empty
                 strings are ignored.
-            seed: integer sampling seed (default nondeterministic).
+            seed: integer sampling seed (default nondeterministic); in a batch every prompt samples with
+                its own generator seeded with it, as if it were answered alone.
+
+        Returns:
+            A :class:`GenerationResult`, or for a batch a list of them in the prompts' order (``[]`` for an
+            empty list).
+
+        A batch keeps memory per prompt where it matters: each prompt's draft answer, prefill and eviction
+        run one prompt at a time, so only one prompt's uncompressed cache exists at once. Then the compressed
+        caches (each KV head keeps its own entries; a prompt within budget keeps all of its entries) are
+        left-padded to the longest and decoded together, every prompt at its own true positions, with its
+        own stop strings and end of turn; a finished prompt leaves the batch. Greedy answers equal one-by-one
+        calls, up to floating-point differences between batched and single matrix products.
 
         Raises:
-            TypeError, ValueError: an argument is malformed (the message names it); nothing has run yet.
+            TypeError, ValueError: an argument or a prompt is malformed (the message names it, as
+                ``prompts[i]`` for a batch's item); nothing has run yet.
             NotImplementedError: a model attends within a sliding window shorter than the generation.
         """
-        run = self._run(self._prepare(prompt, max_new_tokens, temperature, top_p, stop, seed))
+        batch = _is_batch(prompt)
+        prompts = cast("list[Prompt]", list(prompt) if batch else [prompt])
+        settings = _Settings.check(max_new_tokens, temperature, top_p, stop, seed)
+        requests = [
+            self._prepare(item, f"prompts[{index}]" if batch else "prompt", settings)
+            for index, item in enumerate(prompts)
+        ]
+        if not requests:
+            return []
+        run = self._run(requests)
         while True:
             try:
                 next(run)
             except StopIteration as done:
-                return done.value
+                return done.value if batch else done.value[0]
 
     def stream(
         self,
@@ -179,102 +242,88 @@ class SpecKV:
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
     ) -> Generator[str, None, GenerationResult]:
-        """Like :meth:`generate`, but yield the text in pieces as it is generated (same arguments).
+        """Like :meth:`generate` for one prompt, but yield the text in pieces as it is generated.
 
         The arguments are checked at once, so errors raise here rather than at the first piece. The pieces
         join to ``generate(...).text``; text that may still turn into a stop string and unfinished
         multi-byte characters are held back until settled. The generator's return value
         (``StopIteration.value``) is the :class:`GenerationResult`. A stream holds no lock between pieces:
-        the same engine may run other generations (in this thread or others) while it is paused.
+        the same engine may run other generations (in this thread or others) while it is paused. A batch
+        of prompts cannot be streamed: pass it to :meth:`generate`.
         """
-        return self._run(self._prepare(prompt, max_new_tokens, temperature, top_p, stop, seed))
+        if _is_batch(prompt):
+            msg = (
+                f"stream() answers one prompt, got a batch of {len(prompt)}; stream each prompt on its own, "
+                "or pass the batch to generate()."
+            )
+            raise TypeError(msg)
+        settings = _Settings.check(max_new_tokens, temperature, top_p, stop, seed)
+        return _only_pieces(self._run([self._prepare(prompt, "prompt", settings)]))
 
-    def _prepare(
-        self,
-        prompt: Prompt,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop: str | Sequence[str] | None,
-        seed: int | None,
-    ) -> _Request:
-        """Check every argument and tokenize the prompt for the target (and the draft, if it will run)."""
-        messages = as_messages(prompt)
-        check_int("max_new_tokens", max_new_tokens, 1)
-        sampler = Sampler(temperature, top_p, seed)
-        stops = stop_strings(stop)
+    def _prepare(self, prompt: Prompt, name: str, settings: _Settings) -> _Request:
+        """Check one prompt (``name`` in errors) and tokenize it for the target (and the draft, if it will run)."""
+        messages = as_messages(prompt, name)
         prompt_ids = chat_prompt_ids(self.target.tokenizer, messages)
         n = prompt_ids.shape[1]
-        _check_context(self.target, n, "target")
+        _check_context(self.target, n, "target", name)
         draft_ids, steps = None, 0
         if self.draft is not None and self.eviction.evicts(n):
-            steps = getattr(self.eviction, "lookahead_tokens", None) or max_new_tokens
+            steps = getattr(self.eviction, "lookahead_tokens", None) or settings.max_new_tokens
             draft_ids = chat_prompt_ids(self.draft.tokenizer, messages)
-            _check_context(self.draft, draft_ids.shape[1], "draft")
+            _check_context(self.draft, draft_ids.shape[1], "draft", name)
             check_attention_support(self.draft.model, draft_ids.shape[1] + steps - 1)
-        check_attention_support(self.target.model, n + max(steps, max_new_tokens - 1))
-        return _Request(prompt_ids, draft_ids, steps, max_new_tokens, sampler, stops)
+        check_attention_support(self.target.model, n + max(steps, settings.max_new_tokens - 1))
+        return _Request(prompt_ids, draft_ids, steps, settings)
 
-    def _run(self, request: _Request) -> Generator[str, None, GenerationResult]:
+    def _run(self, requests: list[_Request]) -> Generator[tuple[int, str], None, list[GenerationResult]]:
+        """Answer ``requests`` together; yield ``(index, text piece)`` as text is settled; return the results."""
         target = self.target
         start = time.perf_counter()
-        lookahead = self._draft_lookahead(request)
-        drafted = time.perf_counter()
+        peak = KVPeak()
+        caches, states = [], []
+        for request in requests:
+            began = time.perf_counter()
+            lookahead = self._draft_lookahead(request)
+            drafted = time.perf_counter()
+            with target.lock:
+                cache = self.eviction.compress(
+                    target.model, request.prompt_ids.to(target.device), lookahead, chunk_size=self.chunk_size,
+                    peak=peak,
+                )
+            # The compressed caches wait for the batch's decoding while the next prompts are prefilled.
+            peak.held += cache_bytes(cache)
+            caches.append(cache)
+            timings = {"draft_s": drafted - began, "prefill_s": time.perf_counter() - drafted}
+            text = TextStream(target.tokenizer, request.settings.stop)
+            states.append(_Decoding(request, cache.get_seq_length(), timings, text))
+        peak.held = 0
+        cache, padding = stack_caches(caches, peak)
 
-        prompt_ids = request.prompt_ids.to(target.device)
-        n = prompt_ids.shape[1]
-        with target.lock:
-            cache = self.eviction.compress(target.model, prompt_ids, lookahead, chunk_size=self.chunk_size)
-            logits = forward_token(target.model, cache, int(prompt_ids[0, -1]), n - 1)
-        prefilled = time.perf_counter()
-        kept = cache.get_seq_length()
-        bytes_kept = cache_bytes(cache)
-
-        text = TextStream(target.tokenizer, request.stop)
-        pieces: list[str] = []
-        tokens: list[int] = []
-        finish, first_token_at = "length", prefilled
-        steps = decode_steps(target.model, cache, logits, n, request.sampler, request.max_new_tokens, target.lock)
-        for token in steps:
-            tokens.append(token)
-            if len(tokens) == 1:
-                first_token_at = time.perf_counter()
-            if token in self._stop_ids:
-                finish = "stop"
+        # Each step runs every unfinished prompt's newest token (first: its last prompt token).
+        active = list(range(len(states)))
+        while True:
+            with target.lock:
+                logits = forward_tokens(
+                    target.model, cache, [states[i].next_token for i in active],
+                    [states[i].next_position for i in active], padding,
+                )
+            if padding is not None:
+                padding = F.pad(padding, (0, 1), value=True)
+            peak.observe(cache)
+            for row, index in enumerate(active):
+                state = states[index]
+                for piece in state.take(state.request.sampler(logits[row : row + 1]), self._stop_ids):
+                    yield index, piece
+            running = [row for row, index in enumerate(active) if not states[index].done]
+            if not running:
                 break
-            piece = text.push(token)
-            if piece:
-                pieces.append(piece)
-                yield piece
-            if text.stopped:
-                finish = "stop"
-                break
-        tail = text.flush()
-        if tail:
-            pieces.append(tail)
-            yield tail
-        end = time.perf_counter()
-
-        decode_s = end - first_token_at
-        timings = {
-            "draft_s": drafted - start,
-            "prefill_s": prefilled - drafted,
-            "ttft_s": first_token_at - start,
-            "decode_s": decode_s,
-            "tokens_per_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
-        }
-        return GenerationResult(
-            text="".join(pieces),
-            prompt_tokens=n,
-            completion_tokens=len(tokens),
-            finish_reason=finish,
-            kv_entries_kept=kept,
-            kv_entries_full=n,
-            kv_bytes_kept=bytes_kept,
-            kv_bytes_full=bytes_kept // kept * n,
-            timings=timings,
-            token_ids=tokens,
-        )
+            if len(running) < len(active):
+                rows = torch.tensor(running, device=target.device)
+                cache.batch_select_indices(rows)
+                padding = None if padding is None else padding[rows]
+                active = [active[row] for row in running]
+        entry_bytes = cache_bytes(cache) // (len(active) * cache.get_seq_length())
+        return [state.result(start, entry_bytes, peak.bytes) for state in states]
 
     def _draft_lookahead(self, request: _Request) -> torch.Tensor | None:
         """The draft's answer in target tokens ``[1, L]``, or None when the draft does not run or says nothing."""
@@ -291,23 +340,173 @@ class SpecKV:
         return lookahead
 
 
+def stack_caches(caches: list[Cache], peak: KVPeak) -> tuple[Cache, torch.Tensor | None]:
+    """The sequences of ``caches`` (each of batch 1) as one cache, left-padded to the longest.
+
+    Returns the cache and the padding mask ``[batch, longest]`` (False at padding), or None when no row is
+    padded. Each sequence's layer is released as soon as it is copied, so at most one layer exists twice;
+    ``peak`` counts that moment.
+    """
+    lengths = [cache.get_seq_length() for cache in caches]
+    longest = max(lengths)
+    if len(caches) == 1 or longest == 0:
+        return caches[0], None
+    base = caches[lengths.index(longest)]
+    stacked, unstacked = 0, sum(cache_bytes(cache) for cache in caches)
+    for index, layer in enumerate(base.layers):
+        own = [cache.layers[index] for cache, length in zip(caches, lengths, strict=True) if length]
+        empty = layer.keys[:, :, :0]
+        keys, values = (
+            torch.cat([
+                F.pad(getattr(cache.layers[index], kind) if length else empty, (0, 0, longest - length, 0))
+                for cache, length in zip(caches, lengths, strict=True)
+            ])
+            for kind in ("keys", "values")
+        )
+        copied = sum(layer_bytes(part) for part in own)
+        for part in own:
+            part.keys = part.values = None
+        layer.keys, layer.values = keys, values
+        stacked += layer_bytes(layer)
+        unstacked -= copied
+        # Until the copies were released this layer existed twice: stacked and in each sequence's own cache.
+        peak.count(stacked + unstacked + copied)
+    positions = torch.arange(longest)
+    padding = positions[None, :] >= longest - torch.tensor(lengths)[:, None]
+    return base, padding.to(base.layers[0].keys.device)
+
+@dataclass
+class _Settings:
+    """The checked decoding settings of one call, shared by all its prompts."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+
+    @classmethod
+    def check(
+        cls, max_new_tokens: int, temperature: float, top_p: float, stop: str | Sequence[str] | None, seed: int | None
+    ) -> _Settings:
+        """The settings, or the error that names the first malformed one."""
+        check_int("max_new_tokens", max_new_tokens, 1)
+        Sampler(temperature, top_p, seed)
+        return cls(max_new_tokens, temperature, top_p, stop_strings(stop), seed)
+
+
 @dataclass
 class _Request:
-    """One checked generation request: target (and draft) prompt tokens and the decoding settings."""
+    """One checked prompt: target (and draft) prompt tokens, the call's settings and its own sampler."""
 
     prompt_ids: torch.Tensor
     draft_ids: torch.Tensor | None
     lookahead_steps: int
-    max_new_tokens: int
-    sampler: Sampler
-    stop: list[str]
+    settings: _Settings
+    sampler: Sampler = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Each prompt samples with its own generator, so a batch samples like one-by-one calls.
+        self.sampler = Sampler(self.settings.temperature, self.settings.top_p, self.settings.seed)
 
 
-def _check_context(model: LoadedModel, tokens: int, role: str) -> None:
-    """Raise when a prompt of ``tokens`` tokens does not fit the ``role`` (target or draft) model's context."""
+@dataclass
+class _Decoding:
+    """One prompt from its compressed cache on: what it generated so far, and at the end its result."""
+
+    request: _Request
+    kept: int
+    timings: dict[str, float]
+    text: TextStream
+    tokens: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    finish: str = "length"
+    done: bool = False
+    first_token_at: float = 0.0
+    end: float = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.request.prompt_ids.shape[1])
+
+    @property
+    def next_token(self) -> int:
+        """The token to run next: the newest generated one, or before any the last prompt token."""
+        return self.tokens[-1] if self.tokens else int(self.request.prompt_ids[0, -1])
+
+    @property
+    def next_position(self) -> int:
+        """The true position of :attr:`next_token`."""
+        return self.prompt_tokens - 1 + len(self.tokens)
+
+    def take(self, token: int, stop_ids: set[int]) -> list[str]:
+        """Add a generated token; return the text pieces it settles. Sets ``done`` when the prompt is finished."""
+        self.tokens.append(token)
+        if len(self.tokens) == 1:
+            self.first_token_at = time.perf_counter()
+        pieces = []
+        if token in stop_ids:
+            self.finish = "stop"
+        else:
+            pieces.append(self.text.push(token))
+            if self.text.stopped:
+                self.finish = "stop"
+        if self.finish == "stop" or len(self.tokens) == self.request.settings.max_new_tokens:
+            self.done = True
+            pieces.append(self.text.flush())
+            self.end = time.perf_counter()
+        pieces = [piece for piece in pieces if piece]
+        self.pieces += pieces
+        return pieces
+
+    def result(self, start: float, entry_bytes: int, peak_bytes: int) -> GenerationResult:
+        """The finished generation; ``start`` is the call's start, ``entry_bytes`` one position's KV bytes."""
+        decode_s = self.end - self.first_token_at
+        steps = len(self.tokens) - 1
+        timings = {
+            **self.timings,
+            "ttft_s": self.first_token_at - start,
+            "decode_s": decode_s,
+            "tokens_per_s": steps / decode_s if steps and decode_s > 0 else 0.0,
+        }
+        kept = self.kept + 1  # the last prompt token joined the compressed cache
+        return GenerationResult(
+            text="".join(self.pieces),
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.tokens),
+            finish_reason=self.finish,
+            kv_entries_kept=kept,
+            kv_entries_full=self.prompt_tokens,
+            kv_bytes_kept=kept * entry_bytes,
+            kv_bytes_full=self.prompt_tokens * entry_bytes,
+            peak_kv_bytes=peak_bytes,
+            timings=timings,
+            token_ids=self.tokens,
+        )
+
+
+def _is_batch(prompt: object) -> bool:
+    """Whether ``prompt`` is a batch: a list or tuple of prompts, not one prompt's list of message dicts."""
+    return isinstance(prompt, (list, tuple)) and not (prompt and isinstance(prompt[0], Mapping))
+
+
+def _only_pieces(
+    run: Generator[tuple[int, str], None, list[GenerationResult]],
+) -> Generator[str, None, GenerationResult]:
+    """The text pieces of a one-prompt run; the generator returns its result."""
+    while True:
+        try:
+            _, piece = next(run)
+        except StopIteration as done:
+            return done.value[0]
+        yield piece
+
+
+def _check_context(model: LoadedModel, tokens: int, role: str, name: str) -> None:
+    """Raise when prompt ``name`` of ``tokens`` tokens does not fit the ``role`` (target or draft) model's context."""
     if tokens > model.max_context:
         msg = (
-            f"the prompt has {tokens} tokens in the {role} model {model.name!r}, over its context of "
+            f"{name} has {tokens} tokens in the {role} model {model.name!r}, over its context of "
             f"{model.max_context} tokens; shorten the prompt or use a {role} model with a longer context."
         )
         raise ValueError(msg)
@@ -322,11 +521,3 @@ def build_eviction(method: str, **knobs: Any) -> KVEviction:
     own = {f.name for f in fields(cls) if f.init}
     return cls(**{name: value for name, value in knobs.items() if name in own})
 
-
-def cache_bytes(cache: Cache) -> int:
-    """Bytes of all keys and values held in ``cache``."""
-    return sum(
-        (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
-        for layer in cache.layers
-        if getattr(layer, "keys", None) is not None
-    )

@@ -166,8 +166,6 @@ def test_bad_configuration(kwargs, error, tiny_pair):
     [
         ("", {}, ValueError, "empty"),
         ("   ", {}, ValueError, "empty"),
-        ([], {}, ValueError, "empty"),
-        (["first prompt", "second prompt"], {}, NotImplementedError, "once per prompt"),
         ("hi", {"max_new_tokens": 0}, ValueError, "max_new_tokens"),
         ("hi", {"temperature": -1.0}, ValueError, "temperature"),
         ("hi", {"top_p": 0.0}, ValueError, "top_p"),

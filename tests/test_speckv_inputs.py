@@ -41,7 +41,6 @@ BAD_PROMPTS = [
     (None, TypeError, "prompt must be a string"),
     (42, TypeError, "prompt must be a string"),
     (user("   "), ValueError, "prompt is empty"),
-    (["first prompt", "second prompt"], NotImplementedError, "once per prompt"),
 ]
 
 BAD_SETTINGS = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -31,16 +32,28 @@ def random_ids(vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab_size, (1, length), generator=generator)
 
 
+@dataclasses.dataclass
+class RecordingSpecKV(SpecKVEviction):
+    """SpecKV that records the scores each layer's selection was given."""
+
+    seen: list = dataclasses.field(default_factory=list)
+
+    def select(self, scores, older):
+        self.seen.append(scores)
+        return super().select(scores, older)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-@pytest.mark.parametrize("chunk_size", [2048, 13])
+@pytest.mark.parametrize("chunk_size", [None, 2048, 13])
 @pytest.mark.parametrize("lookahead", [0, 9])
 def test_eviction_scores_match_eager_reference(arch, chunk_size, lookahead):
     eager = tiny_model(arch, seed=4, attn="eager")
     sdpa = tiny_model(arch, seed=4)
     vocab = sdpa.model.config.vocab_size
     prompt, extra = random_ids(vocab, 70, seed=1), random_ids(vocab, lookahead, seed=2)
-    method = SpecKVEviction(budget=24, window_size=6)
-    _, scores = method.observed_prefill(sdpa.model, prompt, extra if lookahead else None, chunk_size)
+    method = RecordingSpecKV(budget=24, window_size=6)
+    method.compress(sdpa.model, prompt, extra if lookahead else None, chunk_size=chunk_size)
+    scores = torch.stack(method.seen)
     first = 70 - 1 - 6
     everything = torch.cat([prompt, extra], dim=1)
     expected = naive_scores(eager.model, everything, first, everything.shape[1] - first, ScoreReduction())
@@ -54,11 +67,10 @@ def test_scored_eviction_keeps_window_and_top_pooled_entries(pool, tiny_qwen):
     prompt = random_ids(model.config.vocab_size, 90, seed=3)
     lookahead = random_ids(model.config.vocab_size, 7, seed=4)
     budget, window = 30, 8
-    method = SpecKVEviction(budget=budget, window_size=window, kernel_size=5, pool=pool)
+    method = RecordingSpecKV(budget=budget, window_size=window, kernel_size=5, pool=pool)
     full, _ = prefill(model, prompt[:, :-1])
-    _, scores = method.observed_prefill(model, prompt, lookahead, 2048)
     cache = method.compress(model, prompt, lookahead)
-    pooled = pool_scores(scores, 5, pool)
+    pooled = pool_scores(torch.stack(method.seen), 5, pool)
     for index, layer in enumerate(cache.layers):
         assert layer.keys.shape == layer.values.shape == (1, 2, budget - 1, 16)
         for head in range(2):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from draft_rag.kv.base import KVEviction, keep_entries
+from draft_rag.kv.base import KVEviction, KVPeak, Observers, cache_bytes
 from draft_rag.kv.full import NoEviction
 from draft_rag.kv.snapkv import SnapKVEviction
 from draft_rag.kv.speckv import SpecKVEviction
@@ -15,9 +15,11 @@ METHODS: dict[str, type[KVEviction]] = {
 __all__ = [
     "METHODS",
     "KVEviction",
+    "KVPeak",
     "NoEviction",
+    "Observers",
     "SnapKVEviction",
     "SpecKVEviction",
     "StreamingLLMEviction",
-    "keep_entries",
+    "cache_bytes",
 ]

@@ -9,15 +9,12 @@ its top entries plus the window. SpecKV is the same selection with more observer
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-from draft_rag.kv.base import KVEviction, crop_to
-from draft_rag.scoring import ObserverScores, Pool, ScoreReduction, check_int, pool_scores, prefill
-
-if TYPE_CHECKING:
-    from transformers import Cache, PreTrainedModel
+from draft_rag.kv.base import KVEviction, Observers
+from draft_rag.scoring import Pool, ScoreReduction, check_int, pool_scores
 
 
 @dataclass
@@ -54,43 +51,15 @@ class SnapKVEviction(KVEviction):
             msg = f"pool must be 'max' or 'avg', got {self.pool!r}."
             raise ValueError(msg)
 
-    def observed_prefill(
-        self,
-        model: PreTrainedModel,
-        prompt_ids: torch.Tensor,
-        lookahead_ids: torch.Tensor | None,
-        chunk_size: int,
-    ) -> tuple[Cache, torch.Tensor]:
-        """Prefill prompt (+ lookahead) while the window, last prompt token and lookahead observe.
+    def observers(self, prompt_length: int) -> Observers:
+        """The window before the last prompt token, and the last prompt token itself."""
+        return Observers(prompt_length - 1 - self.window_size, reduction=self.reduction)
 
-        Returns the cache cropped to the first ``n - 1`` prompt positions and the raw (unpooled) scores
-        ``[layers, batch, kv_heads, n - 1 - window_size]`` of the older keys.
-        """
-        n = prompt_ids.shape[1]
-        ids = (
-            prompt_ids
-            if lookahead_ids is None
-            else torch.cat([prompt_ids, lookahead_ids.to(prompt_ids)], dim=1)
-        )
-        first = n - 1 - self.window_size
-        with ObserverScores(model, first, ids.shape[1] - first, self.reduction) as scorer:
-            cache, _ = prefill(model, ids, chunk_size=chunk_size)
-        crop_to(cache, n - 1)
-        return cache, scorer.scores()[..., :first]
-
-    def prefill_and_select(
-        self,
-        model: PreTrainedModel,
-        prompt_ids: torch.Tensor,
-        lookahead_ids: torch.Tensor | None,
-        chunk_size: int,
-    ) -> tuple[Cache, torch.Tensor]:
-        assert self.budget is not None
-        cache, scores = self.observed_prefill(model, prompt_ids, lookahead_ids, chunk_size)
+    def select(self, scores: torch.Tensor | None, older: int) -> torch.Tensor:
+        """Per KV head, the ``budget - 1 - window_size`` best pooled scores plus the window."""
+        assert scores is not None and self.budget is not None
         first = scores.shape[-1]
-        top = pool_scores(scores, self.kernel_size, self.pool).topk(
-            self.budget - 1 - self.window_size, dim=-1
-        )
-        window = torch.arange(first, first + self.window_size, device=scores.device)
+        top = pool_scores(scores, self.kernel_size, self.pool).topk(self.budget - 1 - self.window_size, dim=-1)
+        window = torch.arange(first, older, device=scores.device)
         keep = torch.cat([top.indices, window.expand(*scores.shape[:-1], -1)], dim=-1)
-        return cache, keep.sort(dim=-1).values
+        return keep.sort(dim=-1).values

@@ -8,11 +8,12 @@ re-tokenized with the target tokenizer, so draft and target need not share a tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import takewhile
 from typing import TYPE_CHECKING, ClassVar
 
 from draft_rag.decoding import Sampler, decode_steps
+from draft_rag.kv.base import Observers
 from draft_rag.kv.snapkv import SnapKVEviction
 from draft_rag.models import LoadedModel, stop_token_ids
 from draft_rag.scoring import check_int, prefill
@@ -41,14 +42,21 @@ class SpecKVEviction(SnapKVEviction):
         if self.lookahead_tokens is not None:
             check_int("lookahead_tokens", self.lookahead_tokens, 1)
 
+    def observers(self, prompt_length: int) -> Observers:
+        """SnapKV's observers and the draft answer."""
+        return replace(super().observers(prompt_length), lookahead=True)
 
-def draft_answer(draft: LoadedModel, prompt_ids: torch.Tensor, max_tokens: int, *, chunk_size: int = 2048) -> str:
+
+def draft_answer(
+    draft: LoadedModel, prompt_ids: torch.Tensor, max_tokens: int, *, chunk_size: int | None = None
+) -> str:
     """The draft's greedy answer to ``prompt_ids`` (``[1, n]`` draft tokens) as text, up to its end of turn.
 
-    At most ``max_tokens`` tokens are generated. The caller holds the draft's lock.
+    At most ``max_tokens`` tokens are generated. The prompt is prefilled in one pass, or in chunks of
+    ``chunk_size`` tokens. The caller holds the draft's lock.
     """
     ids = prompt_ids.to(draft.device)
-    cache, logits = prefill(draft.model, ids, chunk_size=chunk_size)
+    cache, logits = prefill(draft.model, ids, chunk_size=chunk_size or ids.shape[1])
     stop = set(stop_token_ids(draft))
     steps = decode_steps(draft.model, cache, logits, ids.shape[1], Sampler(), max_tokens)
     tokens = list(takewhile(lambda token: token not in stop, steps))

@@ -7,15 +7,12 @@ forgets everything in the middle of the prompt, which is where a retrieved fact 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-from draft_rag.kv.base import KVEviction, prefill_prompt
+from draft_rag.kv.base import KVEviction
 from draft_rag.scoring import check_int
-
-if TYPE_CHECKING:
-    from transformers import Cache, PreTrainedModel
 
 
 @dataclass
@@ -39,17 +36,8 @@ class StreamingLLMEviction(KVEviction):
             msg = f"sink_tokens must be >= 0 and < budget - 1 = {self.budget - 1}, got {self.sink_tokens}."
             raise ValueError(msg)
 
-    def prefill_and_select(
-        self,
-        model: PreTrainedModel,
-        prompt_ids: torch.Tensor,
-        lookahead_ids: torch.Tensor | None,
-        chunk_size: int,
-    ) -> tuple[Cache, torch.Tensor]:
+    def select(self, scores: torch.Tensor | None, older: int) -> torch.Tensor:
+        """The first ``sink_tokens`` positions and the most recent ones, the same for every head."""
         assert self.budget is not None
-        older = prompt_ids.shape[1] - 1
-        cache = prefill_prompt(model, prompt_ids, chunk_size)
         recent = self.budget - 1 - self.sink_tokens
-        positions = torch.cat([torch.arange(self.sink_tokens), torch.arange(older - recent, older)])
-        kv_heads = cache.layers[0].keys.shape[1]
-        return cache, positions.expand(prompt_ids.shape[0], kv_heads, -1)
+        return torch.cat([torch.arange(self.sink_tokens), torch.arange(older - recent, older)])

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast, overload
 import torch
 import torch.nn.functional as F
 
+from draft_rag.cascade import compress_prompt
 from draft_rag.decoding import (
     Sampler,
     TextStream,
@@ -54,6 +55,8 @@ from draft_rag.scoring import ScoreReduction, check_attention_support, check_int
 if TYPE_CHECKING:
     from transformers import Cache
     from typing_extensions import Unpack
+
+    from draft_rag.specpc import CompressionResult, SpecPC
 
 Prompt = str | Sequence[dict[str, Any]]
 
@@ -76,10 +79,13 @@ class GenerationResult:
     are the prompt cache's keys and values over all layers and heads (tokens generated afterwards add the
     same to both). ``peak_kv_bytes`` is the most key and value bytes the target's cache held at any moment
     of the call, prefill (with the draft answer's entries, before eviction) and decoding included.
-    ``timings`` holds ``draft_s`` (the draft's answer), ``prefill_s`` (target prefill, scoring and
+    ``timings`` holds ``compress_s`` (the cascade's SpecPC step, 0 without ``prompt_budget``), ``draft_s``
+    (the draft's answer; near 0 when the cascade's pass wrote it), ``prefill_s`` (target prefill, scoring and
     eviction), ``ttft_s`` (call to first token), ``decode_s`` (first to last token) and ``tokens_per_s``
     (decode steps per second after the first token). ``token_ids`` are the generated token ids, end-of-turn
-    token included.
+    token included. With the cascade (``prompt_budget``), ``prompt_tokens`` and the KV counts are those of
+    the shortened prompt, and ``prompt_compression`` is SpecPC's result for its context (None otherwise, or
+    when the prompt had no context to shorten).
 
     In a batch, ``draft_s`` and ``prefill_s`` are this prompt's own; ``ttft_s`` counts from the call's
     start, so it includes the prompts prefilled before this one and the batch's first step; ``decode_s``
@@ -98,6 +104,7 @@ class GenerationResult:
     peak_kv_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)
+    prompt_compression: CompressionResult | None = None
 
 
 class SpecKV:
@@ -117,6 +124,11 @@ class SpecKV:
         pool: ``"max"`` (default) or ``"avg"`` pooling.
         reduction: ``"max"`` (default) or ``"mean"`` over a KV group's query heads and over observers.
         lookahead_tokens: draft answer length; ``None`` (default) means up to ``max_new_tokens``.
+        prompt_budget: the SpecKV-PC cascade: SpecPC first shortens the prompt's context to this many target
+            tokens, then the eviction method runs on the shortened prompt (default ``None``: no cascade).
+            The context is the last user message up to its last blank line; the paragraph after it (the
+            question) is kept verbatim (see :mod:`draft_rag.cascade`). The draft reads the long prompt
+            once: that pass scores the context for SpecPC and, for ``speckv``, also writes the draft answer.
         sink_tokens: first positions StreamingLLM always keeps (default 4).
         chunk_size: ``None`` (default) prefills the prompt (and the draft answer) in one forward pass and
             evicts each layer's cache right after that layer's attention, so the full prompt cache never
@@ -141,6 +153,7 @@ class SpecKV:
         reduction: str = "max",
         lookahead_tokens: int | None = None,
         sink_tokens: int = 4,
+        prompt_budget: int | None = None,
         chunk_size: int | None = None,
         device: str | None = None,
         dtype: torch.dtype | str | None = None,
@@ -161,8 +174,20 @@ class SpecKV:
         if chunk_size is not None:
             check_int("chunk_size", chunk_size, 1)
         self.chunk_size = chunk_size
+        if prompt_budget is not None:
+            check_int("prompt_budget", prompt_budget, 1)
+        self.prompt_budget = prompt_budget
         self.target = load_model(target, device=device, dtype=dtype)
-        self.draft = load_model(draft, device=device, dtype=dtype) if self.eviction.uses_draft else None
+        needs_draft = self.eviction.uses_draft or prompt_budget is not None
+        self.draft = load_model(draft, device=device, dtype=dtype) if needs_draft else None
+        self.prompt_compressor: SpecPC | None = None
+        if prompt_budget is not None:
+            from draft_rag.specpc import SpecPC
+
+            self.prompt_compressor = SpecPC(
+                draft=self.draft, budget=prompt_budget, target_tokenizer=self.target.tokenizer,
+                chunk_size=chunk_size or SpecPC.chunk_size, progress=False,
+            )
         self._stop_ids = set(stop_token_ids(self.target))
 
     @property
@@ -261,19 +286,50 @@ class SpecKV:
         return _only_pieces(self._run([self._prepare(prompt, "prompt", settings)]))
 
     def _prepare(self, prompt: Prompt, name: str, settings: _Settings) -> _Request:
-        """Check one prompt (``name`` in errors) and tokenize it for the target (and the draft, if it will run)."""
+        """Check one prompt (``name`` in errors) and tokenize it for the target (and the draft, if it will run).
+
+        With the cascade, the draft's view of the whole prompt is checked here, and the target's after
+        SpecPC has shortened it (:meth:`_shorten`).
+        """
         messages = as_messages(prompt, name)
+        if self.prompt_compressor is None:
+            return self._tokenize(messages, name, settings)
+        assert self.draft is not None
+        draft_ids = chat_prompt_ids(self.draft.tokenizer, messages)
+        _check_context(self.draft, draft_ids.shape[1], "draft", name)
+        check_attention_support(self.draft.model, draft_ids.shape[1] + self._lookahead_steps(settings))
+        return _Request(draft_ids[:, :0], None, 0, settings, messages=messages, name=name)
+
+    def _tokenize(
+        self, messages: list[dict[str, str]], name: str, settings: _Settings, drafted: str | None = None
+    ) -> _Request:
+        """The request for ``messages``; ``drafted`` is a draft answer already written (by the cascade)."""
         prompt_ids = chat_prompt_ids(self.target.tokenizer, messages)
         n = prompt_ids.shape[1]
         _check_context(self.target, n, "target", name)
         draft_ids, steps = None, 0
-        if self.draft is not None and self.eviction.evicts(n):
-            steps = getattr(self.eviction, "lookahead_tokens", None) or settings.max_new_tokens
-            draft_ids = chat_prompt_ids(self.draft.tokenizer, messages)
-            _check_context(self.draft, draft_ids.shape[1], "draft", name)
-            check_attention_support(self.draft.model, draft_ids.shape[1] + steps - 1)
+        if self.draft is not None and self.eviction.uses_draft and self.eviction.evicts(n):
+            steps = self._lookahead_steps(settings)
+            if drafted is None:
+                draft_ids = chat_prompt_ids(self.draft.tokenizer, messages)
+                _check_context(self.draft, draft_ids.shape[1], "draft", name)
+                check_attention_support(self.draft.model, draft_ids.shape[1] + steps - 1)
         check_attention_support(self.target.model, n + max(steps, settings.max_new_tokens - 1))
-        return _Request(prompt_ids, draft_ids, steps, settings)
+        return _Request(prompt_ids, draft_ids, steps, settings, drafted=drafted if steps else None)
+
+    def _lookahead_steps(self, settings: _Settings) -> int:
+        """How many tokens the draft answers with for SpecKV (0 for methods without a draft)."""
+        if not self.eviction.uses_draft:
+            return 0
+        return getattr(self.eviction, "lookahead_tokens", None) or settings.max_new_tokens
+
+    def _shorten(self, request: _Request) -> _Request:
+        """The cascade's first stage: SpecPC shortens the prompt's context (its pass also drafts the answer)."""
+        assert self.prompt_compressor is not None and request.messages is not None
+        cascaded = compress_prompt(request.messages, self.prompt_compressor, self._lookahead_steps(request.settings))
+        shortened = self._tokenize(cascaded.messages, request.name, request.settings, cascaded.draft_answer)
+        shortened.compression = cascaded.compression
+        return shortened
 
     def _run(self, requests: list[_Request]) -> Generator[tuple[int, str], None, list[GenerationResult]]:
         """Answer ``requests`` together; yield ``(index, text piece)`` as text is settled; return the results."""
@@ -283,6 +339,11 @@ class SpecKV:
         caches, states = [], []
         for request in requests:
             began = time.perf_counter()
+            compress_s = 0.0
+            if request.messages is not None:
+                request = self._shorten(request)
+                compress_s = time.perf_counter() - began
+                began = time.perf_counter()
             lookahead = self._draft_lookahead(request)
             drafted = time.perf_counter()
             with target.lock:
@@ -293,7 +354,7 @@ class SpecKV:
             # The compressed caches wait for the batch's decoding while the next prompts are prefilled.
             peak.held += cache_bytes(cache)
             caches.append(cache)
-            timings = {"draft_s": drafted - began, "prefill_s": time.perf_counter() - drafted}
+            timings = {"compress_s": compress_s, "draft_s": drafted - began, "prefill_s": time.perf_counter() - drafted}
             text = TextStream(target.tokenizer, request.settings.stop)
             states.append(_Decoding(request, cache.get_seq_length(), timings, text))
         peak.held = 0
@@ -328,10 +389,13 @@ class SpecKV:
     def _draft_lookahead(self, request: _Request) -> torch.Tensor | None:
         """The draft's answer in target tokens ``[1, L]``, or None when the draft does not run or says nothing."""
         draft = self.draft
-        if draft is None or request.draft_ids is None:
+        if request.drafted is not None:
+            answer = request.drafted
+        elif draft is None or request.draft_ids is None:
             return None
-        with draft.lock:
-            answer = draft_answer(draft, request.draft_ids, request.lookahead_steps, chunk_size=self.chunk_size)
+        else:
+            with draft.lock:
+                answer = draft_answer(draft, request.draft_ids, request.lookahead_steps, chunk_size=self.chunk_size)
         if not answer:
             return None
         lookahead = self.target.tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids
@@ -403,6 +467,10 @@ class _Request:
     draft_ids: torch.Tensor | None
     lookahead_steps: int
     settings: _Settings
+    messages: list[dict[str, str]] | None = None  # set while the cascade has yet to shorten the prompt
+    name: str = "prompt"
+    drafted: str | None = None  # a draft answer already written (by the cascade's SpecPC pass)
+    compression: CompressionResult | None = None
     sampler: Sampler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -482,6 +550,7 @@ class _Decoding:
             peak_kv_bytes=peak_bytes,
             timings=timings,
             token_ids=self.tokens,
+            prompt_compression=self.request.compression,
         )
 
 

@@ -9,6 +9,8 @@ import torch
 
 from draft_rag import SpecPC
 from draft_rag.cascade import compress_prompt, split_context
+from draft_rag.decoding import as_messages
+from draft_rag.generation import SpecKV
 from draft_rag.kv.speckv import draft_answer
 from draft_rag.specpc import _DraftPrompt
 from tests.test_specpc import DOCS, QUERY, count
@@ -91,3 +93,61 @@ def test_no_blank_line_passes_through(draft, content):
 def test_no_user_message_passes_through(draft):
     prompt = [{"role": "system", "content": f"{CONTEXT}\n\n{QUERY}"}]
     assert compress_prompt(prompt, make(draft), 6).compression is None
+
+
+# The engine with prompt_budget: SpecPC first, then eviction.
+
+RAG_PROMPT = "\n\n".join(DOCS * 2) + "\n\n" + QUERY
+
+
+def test_cascade_with_room_for_everything_equals_plain_generate(tiny_pair):
+    from tests.test_speckv import plain_generate
+
+    draft, target = tiny_pair
+    engine = SpecKV(target=target, draft=draft, budget=4096, prompt_budget=4096)
+    result = engine.generate(RAG_PROMPT, max_new_tokens=12)
+    assert result.token_ids == plain_generate(target, RAG_PROMPT, 12)
+    assert result.prompt_compression is not None and not result.prompt_compression.documents[0].compressed
+
+
+def test_cascade_generates_from_the_shortened_prompt(tiny_pair):
+    """SnapKV-PC (no draft answer) equals SnapKV over the messages that the cascade's SpecPC step makes."""
+    draft, target = tiny_pair
+    cascade = SpecKV(target=target, draft=draft, method="snapkv", budget=40, window_size=8, prompt_budget=60)
+    result = cascade.generate(RAG_PROMPT, max_new_tokens=10)
+    compression = result.prompt_compression
+    assert compression is not None and compression.total_kept_tokens <= 60
+    shortened = compress_prompt(as_messages(RAG_PROMPT), cascade.prompt_compressor, 0).messages
+    plain = SpecKV(target=target, draft=draft, method="snapkv", budget=40, window_size=8)
+    expected = plain.generate(shortened, max_new_tokens=10)
+    assert result.token_ids == expected.token_ids
+    assert result.prompt_tokens == expected.prompt_tokens < plain.generate(RAG_PROMPT, max_new_tokens=1).prompt_tokens
+    assert result.kv_entries_kept == 40
+
+
+def test_cascade_drafts_once_and_reuses_specpcs_answer(tiny_pair, monkeypatch):
+    import draft_rag.generation
+
+    def no_second_draft(*args, **kwargs):
+        raise AssertionError("the draft answered again after SpecPC's pass")
+
+    monkeypatch.setattr(draft_rag.generation, "draft_answer", no_second_draft)
+    draft, target = tiny_pair
+    engine = SpecKV(target=target, draft=draft, budget=30, window_size=8, prompt_budget=60, lookahead_tokens=5)
+    result = engine.generate(RAG_PROMPT, max_new_tokens=6)
+    assert result.kv_entries_kept == 30
+    assert result.timings["compress_s"] > 0
+    assert result.timings["draft_s"] < result.timings["compress_s"]
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_prompt_budget_is_checked(tiny_pair, value):
+    draft, target = tiny_pair
+    with pytest.raises(ValueError, match="prompt_budget"):
+        SpecKV(target=target, draft=draft, prompt_budget=value)
+
+
+def test_cascade_loads_the_draft_for_methods_without_one(tiny_pair):
+    draft, target = tiny_pair
+    assert SpecKV(target=target, draft=draft, method="snapkv").draft is None
+    assert SpecKV(target=target, draft=draft, method="snapkv", prompt_budget=64).draft is draft

@@ -181,7 +181,7 @@ class SpecKV:
         needs_draft = self.eviction.uses_draft or prompt_budget is not None
         self.draft = load_model(draft, device=device, dtype=dtype) if needs_draft else None
         self.prompt_compressor: SpecPC | None = None
-        if prompt_budget is not None:
+        if self.draft is not None and prompt_budget is not None:
             from draft_rag.specpc import SpecPC
 
             self.prompt_compressor = SpecPC(

@@ -256,3 +256,67 @@ def test_construction_loads_no_model(tiny_pair, monkeypatch):
         lambda target, draft: ChatDraftRAG(model=target, draft=draft, max_tokens=2, **SETTINGS),
         lambda chat: chat.invoke(MESSAGES),
     )
+
+
+def test_batch_is_one_batched_engine_call_with_a_run_per_input(chat, monkeypatch):
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    other = [HumanMessage("The lazy dog.")]
+    expected = [chat.invoke(MESSAGES).content, chat.invoke(other).content, chat.invoke(MESSAGES).content]
+    engine = chat.engine
+    calls = []
+    original = engine.generate
+
+    def counting(prompt, **kwargs):
+        calls.append(len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], list) else 1)
+        return original(prompt, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", counting)
+
+    class Runs(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.started, self.ended = 0, []
+
+        def on_chat_model_start(self, *args, **kwargs) -> None:
+            self.started += 1
+
+        def on_llm_end(self, response, **kwargs) -> None:
+            self.ended.append(response.generations[0][0].text)
+
+    runs = Runs()
+    answers = chat.batch([MESSAGES, other, MESSAGES], config={"callbacks": [runs]})
+    assert [m.content for m in answers] == expected
+    assert calls == [3]  # one engine call for the three prompts
+    assert runs.started == 3 and runs.ended == expected
+
+    calls.clear()
+    batched = asyncio.run(chat.abatch([other, MESSAGES]))
+    assert [m.content for m in batched] == expected[1::-1] and calls == [2]
+    calls.clear()
+    assert [m.content for m in chat.batch([MESSAGES, other], max_tokens=3)] == [
+        chat.invoke(MESSAGES, max_tokens=3).content, chat.invoke(other, max_tokens=3).content
+    ]
+
+
+def test_batch_with_different_configs_or_exceptions_falls_back_per_input(chat, monkeypatch):
+    engine = chat.engine
+    calls = []
+    original = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompt, **kw: calls.append(1) or original(prompt, **kw))
+    chat.batch([MESSAGES, MESSAGES], config=[{"tags": ["a"]}, {"tags": ["b"]}])
+    assert len(calls) == 2
+    calls.clear()
+    out = chat.batch([MESSAGES, [HumanMessage([{"type": "image", "url": "x"}])]], return_exceptions=True)
+    assert isinstance(out[1], ValueError) and len(calls) == 1
+
+
+def test_prompt_budget_reaches_the_engine(tiny_pair):
+    from langchain_draft_rag import ChatDraftRAG
+
+    draft, target = tiny_pair
+    chat = ChatDraftRAG(model=target, draft=draft, max_tokens=4, prompt_budget=24, **SETTINGS)
+    assert chat.engine.prompt_budget == 24
+    assert chat._identifying_params["prompt_budget"] == 24
+    long = [HumanMessage("The quick brown fox jumps over the lazy dog. " * 12 + "\n\nWhat jumps?")]
+    message = chat.invoke(long)
+    assert message.response_metadata["timings"]["compress_s"] > 0

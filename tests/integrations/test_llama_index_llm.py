@@ -253,3 +253,14 @@ def test_standard_chat_engines_work(index, llm, chat_mode):
     streamed = engine.stream_chat("And the lazy dog?")
     assert "".join(streamed.response_gen) == streamed.response
     assert isinstance(asyncio.run(engine.achat("Which number?")).response, str)
+
+
+def test_prompt_budget_reaches_the_engine(tiny_pair):
+    from llama_index.llms.draft_rag import DraftRAGLLM
+
+    draft, target = tiny_pair
+    llm = DraftRAGLLM(target=target, draft=draft, max_new_tokens=4, prompt_budget=24, **SETTINGS)
+    assert llm.engine.prompt_budget == 24
+    response = llm.complete("The quick brown fox jumps over the lazy dog. " * 12 + "\n\nWhat jumps?")
+    assert response.raw.prompt_compression is not None
+    assert response.raw.prompt_compression.total_kept_tokens <= 24

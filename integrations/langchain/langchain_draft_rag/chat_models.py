@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, HumanMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
+from langchain_core.runnables import RunnableConfig, get_config_list
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, Lazy
@@ -24,6 +29,10 @@ _ROLES = {
     "ai": "assistant",
 }
 _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "seed")
+
+# Answers of one batched engine call, by prompt, waiting for the per-prompt ``_generate`` calls that
+# LangChain's ``generate`` makes (with callbacks and tracing) to pick them up.
+_BATCHED: ContextVar[dict[str, list[GenerationResult]] | None] = ContextVar("draft_rag_batched", default=None)
 
 
 class ChatDraftRAG(BaseChatModel):
@@ -100,6 +109,9 @@ class ChatDraftRAG(BaseChatModel):
     """KV-cache method: ``"speckv"``, ``"snapkv"``, ``"streamingllm"`` or ``"full"`` (no eviction)."""
     budget: int = Field(default=256, gt=0)
     """KV entries per KV head per layer kept for the prompt."""
+    prompt_budget: int | None = Field(default=None, gt=0)
+    """The SpecKV-PC cascade: SpecPC first shortens the last user message's context (the text before its
+    last blank line) to this many tokens; ``None`` (default) keeps the whole prompt."""
     window_size: int = Field(default=32, gt=0)
     """Last prompt positions that always stay and whose queries score the others."""
     max_tokens: int = Field(default=256, gt=0)
@@ -136,6 +148,7 @@ class ChatDraftRAG(BaseChatModel):
             "draft": model_label(self.draft),
             "method": self.method,
             "budget": self.budget,
+            "prompt_budget": self.prompt_budget,
             "window_size": self.window_size,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
@@ -169,7 +182,7 @@ class ChatDraftRAG(BaseChatModel):
         # dict() rejects a setting given twice (as a field and in speckv_kwargs) instead of picking one.
         settings = dict(
             target=self.target, draft=self.draft, method=self.method, budget=self.budget,
-            window_size=self.window_size, **self.speckv_kwargs,
+            window_size=self.window_size, prompt_budget=self.prompt_budget, **self.speckv_kwargs,
         )
         return self._engine.get(lambda: SpecKV(**settings), settings)
 
@@ -191,6 +204,103 @@ class ChatDraftRAG(BaseChatModel):
             "stop": stop if stop is not None else self.stop,
         }
 
+    def batch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Answer ``inputs`` in one batched SpecKV generation (prompts decode together; see ``SpecKV.generate``).
+
+        Callbacks and tracing see one run per input, as with ``invoke``. Falls back to LangChain's
+        one-call-per-input batch when the inputs carry different configs, with ``return_exceptions``, and
+        with ``streaming=True``.
+        """
+        shared = self._shared_config(inputs, config, return_exceptions)
+        if shared is None:
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        prompts = [self._convert_input(item).to_messages() for item in inputs]
+        result = self.generate(prompts, callbacks=shared.get("callbacks"), tags=shared.get("tags"),
+                               metadata=shared.get("metadata"), run_name=shared.get("run_name"), **kwargs)
+        return [cast("ChatGeneration", generations[0]).message for generations in result.generations]
+
+    async def abatch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """The async :meth:`batch`: the batched generation runs in a worker thread."""
+        shared = self._shared_config(inputs, config, return_exceptions)
+        if shared is None:
+            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        prompts = [self._convert_input(item).to_messages() for item in inputs]
+        result = await self.agenerate(prompts, callbacks=shared.get("callbacks"), tags=shared.get("tags"),
+                                      metadata=shared.get("metadata"), run_name=shared.get("run_name"), **kwargs)
+        return [cast("ChatGeneration", generations[0]).message for generations in result.generations]
+
+    def generate(
+        self, messages: list[list[BaseMessage]], stop: list[str] | None = None, callbacks: Any = None, **kwargs: Any
+    ) -> LLMResult:
+        """LangChain's ``generate``, with several prompts answered by one batched SpecKV generation."""
+        with self._batched(messages, stop, kwargs, self._batch_results(messages, stop, kwargs)):
+            return super().generate(messages, stop, callbacks, **kwargs)
+
+    async def agenerate(
+        self, messages: list[list[BaseMessage]], stop: list[str] | None = None, callbacks: Any = None, **kwargs: Any
+    ) -> LLMResult:
+        """The async :meth:`generate`: the batched generation runs in a worker thread."""
+        results = await asyncio.to_thread(self._batch_results, messages, stop, kwargs)
+        with self._batched(messages, stop, kwargs, results):
+            return await super().agenerate(messages, stop, callbacks, **kwargs)
+
+    def _shared_config(
+        self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None, return_exceptions: bool
+    ) -> RunnableConfig | None:
+        """The one config that all ``inputs`` share, or None when batching them in one call is not possible."""
+        if not inputs or return_exceptions or self.streaming:
+            return None
+        configs = get_config_list(config, len(inputs))
+        if any(c != configs[0] for c in configs[1:]) or configs[0].get("run_id") is not None:
+            return None
+        return configs[0]
+
+    def _batch_results(
+        self, messages: list[list[BaseMessage]], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> list[GenerationResult] | None:
+        """One batched engine call for several prompts (None for one prompt, a cache or streaming)."""
+        cached = self.cache if self.cache is not None else get_llm_cache()
+        if len(messages) < 2 or self.streaming or cached not in (None, False):
+            return None  # cached answers skip _generate; a stream is per prompt
+        options = {k: v for k, v in kwargs.items() if k not in ("tags", "metadata", "run_name", "run_id")}
+        settings = self._generation_kwargs(stop, options)
+        return self.engine.generate([to_chat_messages(m) for m in messages], **settings)
+
+    @contextmanager
+    def _batched(
+        self,
+        messages: list[list[BaseMessage]],
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
+        results: list[GenerationResult] | None,
+    ) -> Iterator[None]:
+        """Let the per-prompt ``_generate`` calls inside this block take their answers from ``results``."""
+        if results is None:
+            yield
+            return
+        waiting: dict[str, list[GenerationResult]] = {}
+        for prompt, result in zip(messages, results, strict=True):
+            waiting.setdefault(_prompt_key(prompt), []).append(result)
+        token = _BATCHED.set(waiting)
+        try:
+            yield
+        finally:
+            _BATCHED.reset(token)
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -198,7 +308,11 @@ class ChatDraftRAG(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        result = self.engine.generate(to_chat_messages(messages), **self._generation_kwargs(stop, kwargs))
+        waiting = (_BATCHED.get() or {}).get(_prompt_key(messages))
+        if waiting:
+            result = waiting.pop(0)
+        else:
+            result = self.engine.generate(to_chat_messages(messages), **self._generation_kwargs(stop, kwargs))
         message = AIMessage(
             content=result.text, usage_metadata=usage(result), response_metadata=self._response_metadata(result)
         )
@@ -291,6 +405,11 @@ def usage(result: GenerationResult) -> UsageMetadata:
         output_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
     )
+
+
+def _prompt_key(messages: Sequence[BaseMessage]) -> str:
+    """A prompt's identity for matching batched answers to LangChain's per-prompt calls."""
+    return json.dumps([(m.type, m.content) for m in messages], sort_keys=True, default=str)
 
 
 def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:

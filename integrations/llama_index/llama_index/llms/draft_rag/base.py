@@ -83,6 +83,11 @@ class DraftRAGLLM(CustomLLM):
         default="speckv", description="KV-cache method: speckv, snapkv, streamingllm or full (no eviction)."
     )
     budget: int = Field(default=256, gt=0, description="KV entries per KV head per layer kept for the prompt.")
+    prompt_budget: int | None = Field(
+        default=None, gt=0,
+        description="SpecKV-PC cascade: SpecPC first shortens the last user message's context (the text before "
+        "its last blank line) to this many tokens; None keeps the whole prompt.",
+    )
     window_size: int = Field(default=32, gt=0, description="Last prompt positions that always stay.")
     max_new_tokens: int = Field(default=256, gt=0, description="Most new tokens per answer.")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
@@ -116,6 +121,7 @@ class DraftRAGLLM(CustomLLM):
         # dict() rejects a setting given twice (as a field and in speckv_kwargs) instead of picking one.
         settings = dict(
             target=self.target, draft=self.draft, method=self.method, budget=self.budget,
+            prompt_budget=self.prompt_budget,
             window_size=self.window_size, **self.speckv_kwargs,
         )
         return self._engine.get(lambda: SpecKV(**settings), settings)

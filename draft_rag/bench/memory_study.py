@@ -1,0 +1,112 @@
+"""What SpecKV saves in one call: peak KV bytes, time to first token and the answer, against the full cache.
+
+For each needle sample (``niah_single`` by default, about ``--length`` prompt tokens) the packaged target
+answers the same prompt, one configuration after another in one process: ``full`` (no eviction), ``speckv``
+at ``--kv-budget`` (eviction inside the one-pass prefill), the same with a chunked prefill (evicts after
+the full cache was built), and the SpecKV-PC cascade (``prompt_budget``: SpecPC shortens the context first).
+A row records ``peak_kv_bytes`` (the most KV bytes the cache held during the call), the kept cache, TTFT,
+and whether the answer holds the needle. Rows are appended to a JSON-lines file; a rerun skips rows there.
+
+    python -m draft_rag.bench.memory_study --length 4096 --kv-budget 256 --prompt-budget 1024 --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from draft_rag.bench.tasks import TASKS, TaskGenerator
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
+
+RESULTS_FILE = "speckv_memory.jsonl"
+SUMMARY_FILE = "speckv_memory.md"
+
+
+def configurations(kv_budget: int, prompt_budget: int) -> dict[str, dict[str, Any]]:
+    """The engine settings compared, by label."""
+    return {
+        "full": {"method": "full"},
+        f"speckv @ {kv_budget}": {"method": "speckv", "budget": kv_budget},
+        f"speckv @ {kv_budget}, chunked prefill 1024": {"method": "speckv", "budget": kv_budget, "chunk_size": 1024},
+        f"speckv-pc @ {kv_budget}, prompt {prompt_budget}": {
+            "method": "speckv", "budget": kv_budget, "prompt_budget": prompt_budget,
+        },
+    }
+
+
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per configuration, n, needle answered, mean peak KV and its ratio to full's, kept KV, TTFT."""
+    lines = ["| configuration | n | answered | peak KV MiB | peak / full | kept KV MiB | prompt tokens | TTFT s | "
+             "TTFT / full |", "|---|---|---|---|---|---|---|---|---|"]
+    full = [r for r in rows if r["config"] == "full"]
+    full_peak = sum(r["peak_kv_bytes"] for r in full) / len(full) if full else None
+    full_ttft = sum(r["ttft_s"] for r in full) / len(full) if full else None
+    for config in dict.fromkeys(r["config"] for r in rows):
+        group = [r for r in rows if r["config"] == config]
+
+        def mean(key: str, rows: list[dict[str, Any]] = group) -> float:
+            return sum(r[key] for r in rows) / len(rows)
+
+        peak_ratio = f"{mean('peak_kv_bytes') / full_peak:.3f}" if full_peak else "—"
+        ttft_ratio = f"{mean('ttft_s') / full_ttft:.2f}" if full_ttft else "—"
+        lines.append(
+            f"| {config} | {len(group)} | {sum(r['score'] for r in group):.0f}/{len(group)} | "
+            f"{mean('peak_kv_bytes') / 2**20:.1f} | {peak_ratio} | {mean('kv_bytes_kept') / 2**20:.1f} | "
+            f"{mean('prompt_tokens'):.0f} | {mean('ttft_s'):.1f} | {ttft_ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=TASKS, default="niah_single")
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--kv-budget", type=int, default=256)
+    parser.add_argument("--prompt-budget", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draft", default=DEFAULT_DRAFT)
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args(argv)
+
+    from draft_rag import SpecKV
+
+    target = load_model(args.target, dtype=args.dtype)
+    draft = load_model(args.draft, dtype=args.dtype)
+    generator = TaskGenerator(target.tokenizer, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / RESULTS_FILE
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    done = {(r["config"], r["task"], r["length"], r["sample_id"], r["seed"]) for r in rows}
+    for sample in generator.samples(args.task, args.length, args.samples):
+        for label, settings in configurations(args.kv_budget, args.prompt_budget).items():
+            if (label, sample.task, sample.length, sample.sample_id, args.seed) in done:
+                continue
+            engine = SpecKV(target=target, draft=draft, **settings)
+            started = time.perf_counter()
+            result = engine.generate(sample.prompt(), max_new_tokens=sample.max_new_tokens)
+            row = {
+                "config": label, "task": sample.task, "length": sample.length, "sample_id": sample.sample_id,
+                "seed": args.seed, "dtype": str(target.model.dtype).removeprefix("torch."),
+                "prompt_tokens": result.prompt_tokens, "score": sample.score(result.text), "answer": result.text,
+                "peak_kv_bytes": result.peak_kv_bytes, "kv_bytes_kept": result.kv_bytes_kept,
+                "kv_bytes_full": result.kv_bytes_full, "ttft_s": result.timings["ttft_s"],
+                "timings": result.timings, "total_s": time.perf_counter() - started,
+            }
+            rows.append(row)
+            with open(path, "a", encoding="utf-8") as sink:
+                sink.write(json.dumps(row) + "\n")
+            print(f"{label}: peak {row['peak_kv_bytes'] / 2**20:.1f} MiB, TTFT {row['ttft_s']:.1f} s, "
+                  f"score {row['score']:.0f}, answer {result.text!r}", flush=True)
+    (args.out / SUMMARY_FILE).write_text(summarize(rows))
+    print(summarize(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -44,3 +44,17 @@ def test_dtype_copies_leave_the_fp32_model_alone():
         assert next(as_dtype(base, "bfloat16").model.parameters()).dtype == torch.bfloat16
         assert next(base.model.parameters()).dtype == torch.float32
         assert torch.equal(base.model(ids).logits, reference)
+
+
+def test_study_log_resumes_from_its_file(tmp_path):
+    from draft_rag.bench.study import StudyLog, mean
+
+    log = StudyLog(tmp_path / "out", "rows.jsonl", ("task", "n"))
+    assert not log.has(task="a", n=1)
+    log.add({"task": "a", "n": 1, "score": 1.0})
+    log.add({"task": "a", "n": 2, "score": 0.0})
+    again = StudyLog(tmp_path / "out", "rows.jsonl", ("task", "n"))
+    assert again.has(task="a", n=1) and again.has(task="a", n=2) and not again.has(task="b", n=1)
+    assert mean(again.rows, "score") == 0.5 and mean([], "score") == 0.0
+    assert again.summarize("rows.md", lambda rows: f"{len(rows)} rows\n") == "2 rows\n"
+    assert (tmp_path / "out" / "rows.md").read_text() == "2 rows\n"

@@ -13,12 +13,12 @@ appended to a JSON-lines file as they are made and a rerun skips the samples alr
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from draft_rag.bench.study import StudyLog
 from draft_rag.bench.tasks import TASKS, TaskGenerator
 from draft_rag.models import DEFAULT_DRAFT, load_model
 
@@ -107,25 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     draft = load_model(args.draft, dtype=args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.target_tokenizer) if args.target_tokenizer else draft.tokenizer
     generator = TaskGenerator(tokenizer, chunk_tokens=args.chunk_tokens)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / RESULTS_FILE
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    done = {(r["task"], r["length"], r["sample_id"], r["budget"], r["dtype"]) for r in rows}
+    log = StudyLog(args.out, RESULTS_FILE, ("task", "length", "sample_id", "budget", "dtype"))
     dtype = str(draft.model.dtype).removeprefix("torch.")
     for length in args.lengths:
         for task in args.tasks:
             for sample in generator.samples(task, length, args.samples):
-                if (task, length, sample.sample_id, args.budget, dtype) in done:
+                if log.has(task=task, length=length, sample_id=sample.sample_id, budget=args.budget, dtype=dtype):
                     continue
                 row = study_sample(draft, tokenizer, sample, args.budget)
-                rows.append(row)
-                with open(path, "a", encoding="utf-8") as sink:
-                    sink.write(json.dumps(row) + "\n")
+                log.add(row)
                 print(f"{task} {length} #{sample.sample_id}: uncached {row['uncached_s']:.1f} s, cold "
                       f"{row['cold_s']:.1f} s, warm {row['warm_s']:.2f} s, kept {row['kept_uncached']}/"
                       f"{row['kept_cached']}, overlap {row['overlap']:.2f}", flush=True)
-    (args.out / SUMMARY_FILE).write_text(summarize(rows))
-    print(summarize(rows))
+    log.summarize(SUMMARY_FILE, summarize)
     return 0
 
 

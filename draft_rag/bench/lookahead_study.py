@@ -12,11 +12,11 @@ a JSON-lines file as they are made; a rerun skips the rows already there.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from draft_rag.bench.study import StudyLog, mean
 from draft_rag.bench.tasks import TASKS, TaskGenerator
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
 
@@ -45,23 +45,19 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         "| lookahead | n | accuracy | " + " | ".join(tasks) + " | draft s | TTFT s | total s | TTFT vs 0 |",
         "|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
     ]
-    base = [r["ttft_s"] for r in rows if r["lookahead"] == 0]
-    base_ttft = sum(base) / len(base) if base else None
+    base_ttft = mean([r for r in rows if r["lookahead"] == 0], "ttft_s")
     for lookahead in sorted({r["lookahead"] for r in rows}):
         group = [r for r in rows if r["lookahead"] == lookahead]
-
-        def mean(key: str, rows: list[dict[str, Any]] = group) -> float:
-            return sum(r[key] for r in rows) / len(rows)
-
         per_task = []
         for task in tasks:
             cell = [r for r in group if r["task"] == task]
-            per_task.append(f"{100 * mean('score', cell):.0f}% (n={len(cell)})" if cell else "—")
-        ratio = f"{mean('ttft_s') / base_ttft:.2f}x" if base_ttft else "—"
+            per_task.append(f"{100 * mean(cell, 'score'):.0f}% (n={len(cell)})" if cell else "—")
+        ratio = f"{mean(group, 'ttft_s') / base_ttft:.2f}x" if base_ttft else "—"
         label = "0 (SnapKV)" if lookahead == 0 else str(lookahead)
         lines.append(
-            f"| {label} | {len(group)} | {100 * mean('score'):.0f}% | " + " | ".join(per_task)
-            + f" | {mean('draft_s'):.1f} | {mean('ttft_s'):.1f} | {mean('total_s'):.1f} | {ratio} |"
+            f"| {label} | {len(group)} | {100 * mean(group, 'score'):.0f}% | " + " | ".join(per_task)
+            + f" | {mean(group, 'draft_s'):.1f} | {mean(group, 'ttft_s'):.1f} | {mean(group, 'total_s'):.1f} | "
+            f"{ratio} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -87,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     target = load_model(args.target, dtype=args.dtype)
     draft = load_model(args.draft, dtype=args.dtype)
     generator = TaskGenerator(target.tokenizer, seed=args.seed, chunk_tokens=args.chunk_tokens)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / RESULTS_FILE
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    done = {(r["task"], r["length"], r["sample_id"], r["lookahead"], r["kv_budget"], r["seed"]) for r in rows}
+    log = StudyLog(args.out, RESULTS_FILE, ("task", "length", "sample_id", "lookahead", "kv_budget", "seed"))
     engines = {
         la: SpecKV(target=target, draft=draft, method="snapkv" if la == 0 else "speckv", budget=args.kv_budget,
                    lookahead_tokens=la or None)
@@ -99,16 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.tasks:
         for sample in generator.samples(task, args.length, args.samples):
             for lookahead, engine in engines.items():
-                if (task, args.length, sample.sample_id, lookahead, args.kv_budget, args.seed) in done:
+                if log.has(task=task, length=args.length, sample_id=sample.sample_id, lookahead=lookahead,
+                           kv_budget=args.kv_budget, seed=args.seed):
                     continue
                 row = study_row(engine, sample, lookahead) | {"kv_budget": args.kv_budget, "seed": args.seed}
-                rows.append(row)
-                with open(path, "a", encoding="utf-8") as sink:
-                    sink.write(json.dumps(row) + "\n")
+                log.add(row)
                 print(f"{task} #{sample.sample_id} lookahead {lookahead}: score {row['score']:.2f}, draft "
                       f"{row['draft_s']:.1f} s, TTFT {row['ttft_s']:.1f} s", flush=True)
-    (args.out / SUMMARY_FILE).write_text(summarize(rows))
-    print(summarize(rows))
+    log.summarize(SUMMARY_FILE, summarize)
     return 0
 
 

@@ -13,11 +13,11 @@ and whether the answer holds the needle. Rows are appended to a JSON-lines file;
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from draft_rag.bench.study import StudyLog, mean
 from draft_rag.bench.tasks import TASKS, TaskGenerator
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
 
@@ -42,20 +42,16 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     lines = ["| configuration | n | answered | peak KV MiB | peak / full | kept KV MiB | prompt tokens | TTFT s | "
              "TTFT / full |", "|---|---|---|---|---|---|---|---|---|"]
     full = [r for r in rows if r["config"] == "full"]
-    full_peak = sum(r["peak_kv_bytes"] for r in full) / len(full) if full else None
-    full_ttft = sum(r["ttft_s"] for r in full) / len(full) if full else None
+    full_peak, full_ttft = mean(full, "peak_kv_bytes"), mean(full, "ttft_s")
     for config in dict.fromkeys(r["config"] for r in rows):
         group = [r for r in rows if r["config"] == config]
-
-        def mean(key: str, rows: list[dict[str, Any]] = group) -> float:
-            return sum(r[key] for r in rows) / len(rows)
-
-        peak_ratio = f"{mean('peak_kv_bytes') / full_peak:.3f}" if full_peak else "—"
-        ttft_ratio = f"{mean('ttft_s') / full_ttft:.2f}" if full_ttft else "—"
+        peak, ttft = mean(group, "peak_kv_bytes"), mean(group, "ttft_s")
+        peak_ratio = f"{peak / full_peak:.3f}" if full_peak else "—"
+        ttft_ratio = f"{ttft / full_ttft:.2f}" if full_ttft else "—"
         lines.append(
             f"| {config} | {len(group)} | {sum(r['score'] for r in group):.0f}/{len(group)} | "
-            f"{mean('peak_kv_bytes') / 2**20:.1f} | {peak_ratio} | {mean('kv_bytes_kept') / 2**20:.1f} | "
-            f"{mean('prompt_tokens'):.0f} | {mean('ttft_s'):.1f} | {ttft_ratio} |"
+            f"{peak / 2**20:.1f} | {peak_ratio} | {mean(group, 'kv_bytes_kept') / 2**20:.1f} | "
+            f"{mean(group, 'prompt_tokens'):.0f} | {ttft:.1f} | {ttft_ratio} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -79,13 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     target = load_model(args.target, dtype=args.dtype)
     draft = load_model(args.draft, dtype=args.dtype)
     generator = TaskGenerator(target.tokenizer, seed=args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / RESULTS_FILE
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    done = {(r["config"], r["task"], r["length"], r["sample_id"], r["seed"]) for r in rows}
+    log = StudyLog(args.out, RESULTS_FILE, ("config", "task", "length", "sample_id", "seed"))
     for sample in generator.samples(args.task, args.length, args.samples):
         for label, settings in configurations(args.kv_budget, args.prompt_budget).items():
-            if (label, sample.task, sample.length, sample.sample_id, args.seed) in done:
+            if log.has(config=label, task=sample.task, length=sample.length, sample_id=sample.sample_id,
+                       seed=args.seed):
                 continue
             engine = SpecKV(target=target, draft=draft, **settings)
             started = time.perf_counter()
@@ -98,13 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                 "kv_bytes_full": result.kv_bytes_full, "ttft_s": result.timings["ttft_s"],
                 "timings": result.timings, "total_s": time.perf_counter() - started,
             }
-            rows.append(row)
-            with open(path, "a", encoding="utf-8") as sink:
-                sink.write(json.dumps(row) + "\n")
+            log.add(row)
             print(f"{label}: peak {row['peak_kv_bytes'] / 2**20:.1f} MiB, TTFT {row['ttft_s']:.1f} s, "
                   f"score {row['score']:.0f}, answer {result.text!r}", flush=True)
-    (args.out / SUMMARY_FILE).write_text(summarize(rows))
-    print(summarize(rows))
+    log.summarize(SUMMARY_FILE, summarize)
     return 0
 
 

@@ -13,11 +13,11 @@ Rows are appended to a JSON-lines file as they are made; a rerun skips the rows 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from draft_rag.bench.study import StudyLog, mean
 from draft_rag.bench.tasks import TASKS, TaskGenerator
 from draft_rag.models import DEFAULT_DRAFT, load_model
 
@@ -45,12 +45,10 @@ def summarize(rows: list[dict[str, Any]]) -> str:
                 continue
             cells = []
             for task in tasks:
-                cell = [r["kept"] for r in group if r["task"] == task]
-                cells.append(f"{100 * sum(cell) / len(cell):.0f}%" if cell else "—")
-            kept = 100 * sum(r["kept"] for r in group) / len(group)
-            seconds = sum(r["seconds"] for r in group) / len(group)
-            lines.append(f"| {variant} | {budget} | {len(group)} | {kept:.0f}% | " + " | ".join(cells)
-                         + f" | {seconds:.1f} |")
+                cell = [r for r in group if r["task"] == task]
+                cells.append(f"{100 * mean(cell, 'kept'):.0f}%" if cell else "—")
+            lines.append(f"| {variant} | {budget} | {len(group)} | {100 * mean(group, 'kept'):.0f}% | "
+                         + " | ".join(cells) + f" | {mean(group, 'seconds'):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -76,15 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     draft = load_model(args.draft, dtype=args.dtype)
     tasks = args.tasks or [t for t in TASKS if t not in ("common_words", "variable_tracking")]
     generator = TaskGenerator(draft.tokenizer, seed=args.seed, chunk_tokens=args.chunk_tokens)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / RESULTS_FILE
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    done = {(r["variant"], r["task"], r["length"], r["sample_id"], r["budget"], r["seed"]) for r in rows}
+    log = StudyLog(args.out, RESULTS_FILE, ("variant", "task", "length", "sample_id", "budget", "seed"))
     for task in tasks:
         for sample in generator.samples(task, args.length, args.samples):
             for variant in args.variants:
                 for budget in args.budgets:
-                    if (variant, task, args.length, sample.sample_id, budget, args.seed) in done:
+                    if log.has(variant=variant, task=task, length=args.length, sample_id=sample.sample_id,
+                               budget=budget, seed=args.seed):
                         continue
                     pc = SpecPC(draft=draft, budget=budget, progress=False, **VARIANTS[variant])
                     started = time.perf_counter()
@@ -92,13 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"variant": variant, "task": task, "length": args.length, "sample_id": sample.sample_id,
                            "budget": budget, "seed": args.seed, "kept": sample.score("\n".join(result.texts)),
                            "seconds": time.perf_counter() - started, "kept_tokens": result.total_kept_tokens}
-                    rows.append(row)
-                    with open(path, "a", encoding="utf-8") as sink:
-                        sink.write(json.dumps(row) + "\n")
+                    log.add(row)
                     print(f"{variant} | {task} #{sample.sample_id} @ {budget}: kept {row['kept']:.2f} "
                           f"({row['seconds']:.1f} s)", flush=True)
-    (args.out / SUMMARY_FILE).write_text(summarize(rows))
-    print(summarize(rows))
+    log.summarize(SUMMARY_FILE, summarize)
     return 0
 
 

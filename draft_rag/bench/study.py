@@ -1,0 +1,63 @@
+"""What the study scripts share: a JSON-lines log of rows that a rerun resumes, and a markdown summary.
+
+Each study (``cache_study``, ``lookahead_study``, ``memory_study``, ``specpc_tuning``...) measures one thing
+in one process and appends a row as soon as it is made, so an interrupted run loses at most the row it was
+working on; a rerun skips the rows whose key is already in the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+
+class StudyLog:
+    """The rows of ``out/results_file``: loaded at start, appended to as they are made.
+
+    Args:
+        out: the output directory (created).
+        results_file: the JSON-lines file name in it.
+        key: the fields that identify a row; :meth:`has` compares them.
+    """
+
+    def __init__(self, out: Path, results_file: str, key: Sequence[str]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.path = out / results_file
+        self.key = tuple(key)
+        self.rows: list[Row] = (
+            [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            if self.path.exists() else []
+        )
+        self._done = {self._key(row) for row in self.rows}
+
+    def has(self, **fields: Any) -> bool:
+        """Whether a row with these key fields is already logged."""
+        return tuple(fields.get(name) for name in self.key) in self._done
+
+    def add(self, row: Row) -> None:
+        """Log ``row`` (appended to the file at once)."""
+        self.rows.append(row)
+        self._done.add(self._key(row))
+        with open(self.path, "a", encoding="utf-8") as sink:
+            sink.write(json.dumps(row) + "\n")
+
+    def summarize(self, summary_file: str, summarize: Callable[[list[Row]], str]) -> str:
+        """Write ``summarize(rows)`` to ``out/summary_file``, print it and return it."""
+        table = summarize(self.rows)
+        (self.out / summary_file).write_text(table)
+        print(table)
+        return table
+
+    def _key(self, row: Row) -> tuple[Any, ...]:
+        return tuple(row.get(name) for name in self.key)
+
+
+def mean(rows: Iterable[Row], field: str) -> float:
+    """The mean of ``field`` over ``rows`` (0 for none)."""
+    values = [row[field] for row in rows]
+    return sum(values) / len(values) if values else 0.0

@@ -29,6 +29,7 @@ live only during the prefill.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -135,6 +136,12 @@ class SpecKV:
             exists at once (peak: the compressed layers plus one full layer). A number prefills in chunks
             of that many tokens, which bounds the activations' memory, and evicts afterwards: then the
             full prompt cache exists at the peak.
+        prefill_window_size, prefill_vertical_size: draft-guided sparse prefill (default ``None``: dense).
+            With both set, a one-pass prefill longer than their sum attends, in every layer, only to each
+            query's band of ``prefill_window_size`` keys plus the ``prefill_vertical_size`` key columns that
+            the observers (the prompt window and the draft answer) attend to most (see
+            :mod:`draft_rag.sparse_prefill`; the paper uses 2048 and 2048). An approximation of the dense
+            prefill that cuts its attention cost on long prompts; off with ``chunk_size``.
         device, dtype: passed to :func:`~draft_rag.models.load_model` for models given by name.
 
     The engine is thread-safe, and so is sharing its models with other engines and SpecPC compressors:
@@ -155,6 +162,8 @@ class SpecKV:
         sink_tokens: int = 4,
         prompt_budget: int | None = None,
         chunk_size: int | None = None,
+        prefill_window_size: int | None = None,
+        prefill_vertical_size: int | None = None,
         device: str | None = None,
         dtype: torch.dtype | str | None = None,
     ) -> None:
@@ -176,6 +185,17 @@ class SpecKV:
         self.chunk_size = chunk_size
         if prompt_budget is not None:
             check_int("prompt_budget", prompt_budget, 1)
+        if (prefill_window_size is None) != (prefill_vertical_size is None):
+            msg = (
+                "sparse prefill needs both prefill_window_size and prefill_vertical_size (e.g. 2048 and 2048); "
+                f"got {prefill_window_size!r} and {prefill_vertical_size!r}."
+            )
+            raise ValueError(msg)
+        if prefill_window_size is not None:
+            check_int("prefill_window_size", prefill_window_size, 1)
+            check_int("prefill_vertical_size", prefill_vertical_size, 0)
+        self.prefill_window_size = prefill_window_size
+        self.prefill_vertical_size = prefill_vertical_size
         self.prompt_budget = prompt_budget
         self.target = load_model(target, device=device, dtype=dtype)
         needs_draft = self.eviction.uses_draft or prompt_budget is not None
@@ -346,7 +366,7 @@ class SpecKV:
                 began = time.perf_counter()
             lookahead = self._draft_lookahead(request)
             drafted = time.perf_counter()
-            with target.lock:
+            with target.lock, self._sparse_prefill(request, lookahead):
                 cache = self.eviction.compress(
                     target.model, request.prompt_ids.to(target.device), lookahead, chunk_size=self.chunk_size,
                     peak=peak,
@@ -385,6 +405,24 @@ class SpecKV:
                 active = [active[row] for row in running]
         entry_bytes = cache_bytes(cache) // (len(active) * cache.get_seq_length())
         return [state.result(start, entry_bytes, peak.bytes) for state in states]
+
+    def _sparse_prefill(
+        self, request: _Request, lookahead: torch.Tensor | None
+    ) -> contextlib.AbstractContextManager[None]:
+        """The sparse-prefill block for this request's target prefill, or a no-op when it stays dense."""
+        if self.prefill_window_size is None or self.prefill_vertical_size is None or self.chunk_size is not None:
+            return contextlib.nullcontext()
+        from draft_rag.sparse_prefill import sparse_prefill
+
+        n = request.prompt_ids.shape[1]
+        observers = self.eviction.observers(n) if self.eviction.evicts(n) else None
+        # The prompt's observers (or, for methods without scores, a window like SnapKV's) and the draft answer.
+        prompt_observers = n - observers.first if observers is not None else min(n, 33)
+        extra = lookahead.shape[1] if lookahead is not None and observers is not None and observers.lookahead else 0
+        return sparse_prefill(
+            self.target.model, num_observers=prompt_observers + extra, window_size=self.prefill_window_size,
+            vertical_size=self.prefill_vertical_size,
+        )
 
     def _draft_lookahead(self, request: _Request) -> torch.Tensor | None:
         """The draft's answer in target tokens ``[1, L]``, or None when the draft does not run or says nothing."""

@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+from types import SimpleNamespace
 
-from draft_rag.bench.methods import METHODS
+from draft_rag.bench.command import add_arguments, config_from_args
+from draft_rag.bench.methods import KV_METHODS, METHODS
+from draft_rag.bench.runner import plan
+from draft_rag.bench.tasks import DEFAULT_TASKS
 from draft_rag.cli import main
+
+MATRIX = (
+    "--methods full specpc embedding truncate snapkv-pc llmlingua speckv snapkv streamingllm "
+    "--budgets 256 512 1024 --kv-budgets 128 256 --samples 20 --seed 0 --out bench-out"
+)
+
+
+def _parse(command: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(command.split())
+
+
+def test_the_documented_command_covers_the_whole_matrix():
+    args = _parse(MATRIX)
+    config = config_from_args(args)
+    methods = {name: SimpleNamespace(budgeted=name != "full") for name in args.methods}
+    jobs = plan(config, methods)
+    assert list(config.tasks) == list(DEFAULT_TASKS) and list(config.lengths) == [4096] and config.seed == 0
+    per_sample = {(name, budget) for _, _, _, name, budget in jobs}
+    prompt_side = {"specpc", "embedding", "truncate", "snapkv-pc", "llmlingua"}
+    assert per_sample == {("full", None)} | {(m, b) for m in prompt_side for b in (256, 512, 1024)} | {
+        (m, b) for m in KV_METHODS for b in (128, 256)}
+    assert len(jobs) == 20 * len(DEFAULT_TASKS) * (1 + 5 * 3 + 3 * 2)
+    # The defaults are the same matrix.
+    default = config_from_args(_parse("--out bench-out"))
+    assert (default.budgets, default.kv_budgets, default.samples) == ([256, 512, 1024], [128, 256], 20)
+    # --budgets alone applies to both sides, as before.
+    assert config_from_args(_parse("--budgets 64")).kv_budgets is None
 
 
 def test_tiny_bench_writes_resumable_results_summary_and_plot(tmp_path, capsys):
@@ -26,6 +60,8 @@ def test_tiny_bench_writes_resumable_results_summary_and_plot(tmp_path, capsys):
     summary = (tmp_path / "summary.md").read_text()
     assert "| specpc @ 64 |" in summary and "| full |" in summary
     assert (tmp_path / "accuracy_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(len(r["sample_hash"]) == 16 and isinstance(r["method_settings"], dict) for r in rows)
 
     before = (tmp_path / "results.jsonl").read_text()
     assert main(args) == 0

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from draft_rag.bench.methods import Outcome, build_methods
-from draft_rag.bench.report import accuracy_table, latency_table, plot_accuracy, write_summary
+from draft_rag.bench.report import accuracy_table, latency_table
 from draft_rag.bench.runner import (
     RESULTS_FILE,
     SETTINGS,
     BenchConfig,
+    latest_rows,
     plan,
     read_rows,
     run_bench,
@@ -29,6 +30,7 @@ class FakeMethod:
     name: str
     needs: int = 0
     budgeted: bool = True
+    settings: dict = field(default_factory=dict)
     calls: list[tuple[str, int, int | None]] = field(default_factory=list)
 
     def run(self, sample, budget):
@@ -120,8 +122,52 @@ def test_rows_that_do_not_record_every_setting_are_recomputed(tmp_path):
     rows = run_bench(NAMED, methods, generator, tmp_path, progress=False)
     assert sum(len(m.calls) for m in methods.values()) == 16
     assert all(row["max_new_tokens"] is None and row["chunk_tokens"] == 256 for row in rows)
-    # The report still reads the file whole: the older rows and the new ones.
-    assert "| full | 100.0 (n=4) |" in accuracy_table(read_rows(path), 600)
+    # --report-only reads the file whole but keeps only the latest row of each job.
+    assert len(read_rows(path)) == 32
+    table = accuracy_table(latest_rows(read_rows(path)), 600)
+    assert table.splitlines()[2].startswith("| full | 100.0 [34, 100] n=2 |")
+
+
+def test_rows_of_a_changed_sample_or_method_setting_are_recomputed(tmp_path, capsys):
+    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
+    run_bench(NAMED, _methods(), generator, tmp_path, progress=False)
+    path = tmp_path / RESULTS_FILE
+    # A task generator that changed since: one sample's fingerprint no longer matches.
+    rows = read_rows(path)
+    for row in rows:
+        if (row["task"], row["sample_id"]) == ("qa", 1):
+            row["sample_hash"] = "0" * 16
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    methods = _methods()
+    run_bench(NAMED, methods, generator, tmp_path, progress=False)
+    assert sorted({(c[0], c[1]) for m in methods.values() for c in m.calls}) == [("qa", 1)]
+    assert sum(len(m.calls) for m in methods.values()) == 4  # full, specpc x 2 budgets, speckv
+    assert "4 rows" in capsys.readouterr().err
+    # A method whose settings changed reruns; the others do not.
+    methods = _methods()
+    methods["specpc"].settings = {"kernel_size": 32}
+    run_bench(NAMED, methods, generator, tmp_path, progress=False)
+    assert len(methods["specpc"].calls) == 8 and not methods["full"].calls and not methods["speckv"].calls
+
+
+def test_full_runs_once_per_sample_and_is_reused_when_budgets_are_added(tmp_path):
+    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
+    run_bench(CONFIG, _methods(), generator, tmp_path, progress=False)
+    methods = _methods()
+    rows = run_bench(replace(CONFIG, budgets=[64, 128, 256], kv_budgets=[32, 16]), methods, generator, tmp_path,
+                     progress=False)
+    assert not methods["full"].calls
+    assert sorted(c[2] for c in methods["specpc"].calls) == [256] * 4
+    assert sorted(c[2] for c in methods["speckv"].calls) == [16] * 4
+    assert sum(r["method"] == "full" for r in rows) == 4
+
+
+def test_rows_of_methods_outside_the_run_stay_in_its_results(tmp_path):
+    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
+    run_bench(CONFIG, _methods(), generator, tmp_path, progress=False)
+    only_full = {"full": FakeMethod("full", budgeted=False)}
+    rows = run_bench(CONFIG, only_full, generator, tmp_path, progress=False)
+    assert not only_full["full"].calls and len(rows) == 16
 
 
 def _row(task, method, budget, accuracy, total_s, sample_id=0):
@@ -137,26 +183,19 @@ ROWS = [
 ]
 
 
-def test_accuracy_table_averages_per_task_and_method():
+def test_accuracy_table_averages_per_task_and_method_with_wilson_intervals():
     table = accuracy_table(ROWS, 4096)
     lines = table.splitlines()
     assert lines[0] == "| method @ budget | qa | vt | mean |"
-    assert lines[2] == "| full | 100.0 (n=2) | 50.0 (n=1) | 75.0 |"
-    assert lines[3] == "| specpc @ 512 | 50.0 (n=2) | 25.0 (n=1) | 37.5 |"
+    # Wilson 95%: 2 of 2 -> [34, 100]; one sample at 0.5 -> [5, 95]; the mean counts all 3 samples.
+    assert lines[2] == "| full | 100.0 [34, 100] n=2 | 50.0 [5, 95] n=1 | 75.0 [26, 96] n=3 |"
+    assert lines[3] == "| specpc @ 512 | 50.0 [9, 91] n=2 | 25.0 [1, 88] n=1 | 37.5 [8, 81] n=3 |"
 
 
 def test_latency_ratios_use_the_same_samples_as_full():
     line = latency_table(ROWS, 4096).splitlines()[3]
     # specpc: (4 + 6 + 5) s over full's (10 + 30 + 20) s on the same three samples.
     assert line.startswith("| specpc @ 512 | 0.25x | 0.25x |")
-
-
-def test_summary_and_plot_files(tmp_path):
-    summary = write_summary(ROWS, tmp_path, notes=["draft tiny"], skipped={"llmlingua": "not installed"})
-    text = summary.read_text()
-    assert "## 4096 tokens: accuracy (%)" in text and "`llmlingua` skipped: not installed" in text
-    png = plot_accuracy(ROWS, tmp_path)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 PEAK_PROBE = """
@@ -189,7 +228,8 @@ def test_build_methods_rejects_unknown_names_and_explains_skips(tiny_pair):
         build_methods(["specpc", "magic"], draft=draft, target=target)
     methods, skipped = build_methods(["truncate", "llmlingua"], draft=draft, target=target)
     assert list(methods) == ["full", "truncate"]
-    assert "transformers==4.44.2" in skipped["llmlingua"]
+    # Whether or not the LongLLMLingua environment exists, a draft built in memory cannot be loaded there.
+    assert "llmlingua" in skipped
 
 
 def test_results_rows_are_json_lines(tmp_path):

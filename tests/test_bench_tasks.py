@@ -4,7 +4,15 @@ import re
 
 import pytest
 
-from draft_rag.bench.tasks import TASKS, Sample, TaskGenerator, build_prompt, prose_sentences, string_match
+from draft_rag.bench.tasks import (
+    DEFAULT_TASKS,
+    TASKS,
+    Sample,
+    TaskGenerator,
+    build_prompt,
+    prose_sentences,
+    string_match,
+)
 from tests.tiny import tiny_tokenizer
 
 
@@ -19,18 +27,22 @@ def _prompt_tokens(sample: Sample) -> int:
 
 @pytest.mark.parametrize("task", TASKS)
 def test_samples_are_deterministic_and_near_the_requested_length(generator, task):
-    sample = generator.sample(task, 1500, 3)
-    again = TaskGenerator(tiny_tokenizer(), seed=7, chunk_tokens=128).sample(task, 1500, 3)
+    # Long enough for eight facts in eight documents of 128 tokens (the spread tasks).
+    sample = generator.sample(task, 2500, 3)
+    again = TaskGenerator(tiny_tokenizer(), seed=7, chunk_tokens=128).sample(task, 2500, 3)
     assert sample == again
-    assert generator.sample(task, 1500, 4) != sample
-    assert abs(_prompt_tokens(sample) - 1500) < 0.1 * 1500
+    assert generator.sample(task, 2500, 4) != sample
+    assert abs(_prompt_tokens(sample) - 2500) < 0.1 * 2500
     assert len(sample.documents) > 3
     assert sample.answers and sample.question
 
 
-@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "qa"])
+@pytest.mark.parametrize(
+    "task", ["niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "qa", "multivalue_spread",
+             "two_hop"],
+)
 def test_every_gold_answer_is_in_the_context(generator, task):
-    sample = generator.sample(task, 1200, 0)
+    sample = generator.sample(task, 2500, 0)
     context = "\n".join(sample.documents)
     for answer in sample.answers:
         assert answer in context
@@ -54,6 +66,55 @@ def test_variable_chain_appears_in_order(generator):
     assert f"VAR {sample.answers[0]} = {value}." in context
     for previous, name in zip(sample.answers, sample.answers[1:], strict=False):
         assert f"VAR {name} = VAR {previous}." in context
+
+
+def _documents_with(sample: Sample, pattern: str) -> list[int]:
+    """Index of the document holding each match of ``pattern``, in reading order."""
+    return [i for i, doc in enumerate(sample.documents) for _ in re.finditer(pattern, doc)]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_multivalue_spread_puts_every_needle_in_a_document_of_its_own(generator, index):
+    sample = generator.sample("multivalue_spread", 2500, index)
+    context = " ".join(sample.documents)
+    needles = re.findall(r"special magic numbers for (\S+) is: (\d+)\.", context)
+    asked = re.search(r"numbers for (\S+) mentioned", sample.question).group(1)
+    assert sorted(v for k, v in needles if k == asked) == sorted(sample.answers) and len(sample.answers) == 4
+    assert len(needles) == 8 and len({k for k, _ in needles}) == 5
+    holders = _documents_with(sample, r"special magic numbers for")
+    assert len(holders) == len(set(holders)) == 8
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_two_hop_chain_crosses_documents_and_its_answer_shares_no_word_with_the_question(generator, index):
+    sample = generator.sample("two_hop", 2500, index)
+    context = " ".join(sample.documents)
+    person = re.search(r"belongs to (.+)'s parcel", sample.question).group(1)
+    locker = re.search(re.escape(person) + r" put the parcel in the (\w+ \w+) locker\.", context).group(1)
+    answer_fact = f"The {locker} locker opens with {sample.answers[0]}."
+    assert answer_fact in context and context.index(person) < context.index(answer_fact)
+    words = lambda text: set(re.findall(r"[a-z0-9]+", text.lower())) - {"the"}  # noqa: E731
+    assert not words(answer_fact) & words(sample.question)
+    # Four chains of two facts, with four different people and lockers, in eight documents.
+    people = re.findall(r"([A-Z][a-z]+) ([A-Z][a-z]+) put the parcel in the", context)
+    lockers = re.findall(r"The (\w+) (\w+) locker opens with \d{7}\.", context)
+    for pairs in (people, lockers):
+        assert len(pairs) == 4 and all(len({pair[i] for pair in pairs}) == 4 for i in (0, 1))
+    holders = _documents_with(sample, r"put the parcel in the|locker opens with")
+    assert len(holders) == len(set(holders)) == 8
+
+
+def test_spread_tasks_differ_by_seed_and_say_when_there_are_too_few_documents(generator):
+    other = TaskGenerator(tiny_tokenizer(), seed=8, chunk_tokens=128)
+    for task in ("multivalue_spread", "two_hop"):
+        assert generator.sample(task, 2500, 0).answers != other.sample(task, 2500, 0).answers
+        with pytest.raises(ValueError, match="different documents"):
+            TaskGenerator(tiny_tokenizer(), chunk_tokens=512).sample(task, 1500, 0)
+
+
+def test_default_tasks_leave_out_variable_tracking():
+    assert set(DEFAULT_TASKS) <= set(TASKS) and "variable_tracking" not in DEFAULT_TASKS
+    assert {"multivalue_spread", "two_hop", "niah_multikey", "qa"} <= set(DEFAULT_TASKS)
 
 
 def test_common_words_are_the_most_frequent(generator):

@@ -1,12 +1,14 @@
 """``draft-rag bench``: accuracy, latency and memory of SpecPC / SpecKV against baselines.
 
-Example::
+Example (the default tasks at 4k tokens; prompt-side budgets 256/512/1024, KV-side 128/256)::
 
-    draft-rag bench --tasks niah_single qa --lengths 4096 --budgets 512 1024 \\
-        --methods full specpc truncate embedding snapkv-pc speckv --samples 20 --out bench-out
+    draft-rag bench --methods full specpc embedding truncate snapkv-pc llmlingua speckv snapkv streamingllm \\
+        --budgets 256 512 1024 --kv-budgets 128 256 --samples 20 --seed 0 --out bench-out
     draft-rag bench --preset tiny --out /tmp/bench-tiny      # tiny random models: plumbing only
 
-Writes ``results.jsonl`` (resumable), ``summary.md`` and ``accuracy_vs_budget.png`` into ``--out``.
+Writes ``results.jsonl`` (resumable), ``summary.md``, ``accuracy_vs_budget.png`` and
+``accuracy_vs_time.png`` into ``--out``. ``llmlingua`` needs ``bash scripts/llmlingua-env.sh`` first; without
+it the method is skipped with a message saying so.
 """
 
 from __future__ import annotations
@@ -18,29 +20,32 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from draft_rag.bench.methods import METHODS
-from draft_rag.bench.tasks import TASKS
+from draft_rag.bench.methods import KV_METHODS, METHODS
+from draft_rag.bench.tasks import DEFAULT_TASKS, TASKS
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
 if TYPE_CHECKING:
+    from draft_rag.bench.runner import BenchConfig
     from draft_rag.models import LoadedModel
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Full-size defaults: the packaged pair at 4k tokens.
-    "default": {"lengths": [4096], "budgets": [512, 1024], "samples": 20, "max_new_tokens": None},
+    "default": {"lengths": [4096], "budgets": [256, 512, 1024], "kv_budgets": [128, 256], "samples": 20,
+                "max_new_tokens": None},
     # Tiny random models built in code: checks plumbing and file formats in seconds.
     "tiny": {"lengths": [512], "budgets": [64, 128], "samples": 1, "max_new_tokens": 8},
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks (default: all)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(DEFAULT_TASKS),
+                        help=f"tasks (default: {' '.join(DEFAULT_TASKS)})")
     parser.add_argument("--lengths", nargs="+", type=int,
                         help="prompt lengths in target tokens (default 4096)")
     parser.add_argument("--budgets", nargs="+", type=int,
-                        help="prompt-side budgets in context tokens (default 512 1024)")
+                        help="prompt-side budgets in context tokens (default 256 512 1024)")
     parser.add_argument("--kv-budgets", nargs="+", type=int,
-                        help="KV-side budgets in KV entries per head (default: --budgets)")
+                        help="KV-side budgets in KV entries per head (default 128 256; with --budgets: the same)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods; 'full' always runs as the reference (default: all)")
     parser.add_argument("--samples", type=int, help="samples per task and length (default 20)")
@@ -57,16 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", dest="preset", action="store_const", const="tiny",
                         help="same as --preset tiny")
     parser.add_argument("--report-only", action="store_true",
-                        help="only rebuild summary.md and the plot from the rows in --out/results.jsonl")
+                        help="only rebuild summary.md and the plots from --out/results.jsonl (the latest row "
+                             "of each task, length, sample, method and budget)")
 
 
 def run(args: argparse.Namespace) -> int:
     from draft_rag.bench.methods import build_methods, unavailable_reason
-    from draft_rag.bench.runner import RESULTS_FILE, BenchConfig, read_rows, run_bench
+    from draft_rag.bench.runner import RESULTS_FILE, latest_rows, read_rows, run_bench
     from draft_rag.bench.tasks import TaskGenerator
 
     if args.report_only:
-        rows = read_rows(args.out / RESULTS_FILE)
+        rows = latest_rows(read_rows(args.out / RESULTS_FILE))
         if not rows:
             msg = f"--report-only found no rows in {args.out / RESULTS_FILE}; run the benchmark first."
             raise FileNotFoundError(msg)
@@ -74,25 +80,7 @@ def run(args: argparse.Namespace) -> int:
         _report(rows, args.out, skipped, seconds=None)
         return 0
 
-    preset = PRESETS[args.preset]
-    config = BenchConfig(
-        tasks=args.tasks,
-        lengths=args.lengths or preset["lengths"],
-        budgets=args.budgets or preset["budgets"],
-        kv_budgets=args.kv_budgets,
-        samples=preset["samples"] if args.samples is None else args.samples,
-        seed=args.seed,
-        chunk_tokens=args.chunk_tokens,
-        max_new_tokens=preset.get("max_new_tokens"),
-    )
-    for name in ("lengths", "budgets", "kv_budgets"):
-        if any(value < 1 for value in getattr(config, name) or ()):
-            msg = f"--{name.replace('_', '-')} must be positive numbers of tokens."
-            raise ValueError(msg)
-    if config.samples < 1:
-        msg = f"--samples must be >= 1, got {config.samples}."
-        raise ValueError(msg)
-
+    config = config_from_args(args)
     started = time.perf_counter()
     draft, target, specpc_settings = _models(args)
     config.draft, config.target = draft.name, target.name
@@ -108,13 +96,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The run's settings from the command line and its preset (models are filled in once loaded)."""
+    from draft_rag.bench.runner import BenchConfig
+
+    preset = PRESETS[args.preset]
+    config = BenchConfig(
+        tasks=args.tasks,
+        lengths=args.lengths or preset["lengths"],
+        budgets=args.budgets or preset["budgets"],
+        # Explicit --budgets without --kv-budgets apply to both sides.
+        kv_budgets=args.kv_budgets or (None if args.budgets else preset.get("kv_budgets")),
+        samples=preset["samples"] if args.samples is None else args.samples,
+        seed=args.seed,
+        chunk_tokens=args.chunk_tokens,
+        max_new_tokens=preset.get("max_new_tokens"),
+    )
+    for name in ("lengths", "budgets", "kv_budgets"):
+        if any(value < 1 for value in getattr(config, name) or ()):
+            msg = f"--{name.replace('_', '-')} must be positive numbers of tokens."
+            raise ValueError(msg)
+    if config.samples < 1:
+        msg = f"--samples must be >= 1, got {config.samples}."
+        raise ValueError(msg)
+    return config
+
+
 def _report(rows: list[dict[str, Any]], out: Path, skipped: dict[str, str], seconds: float | None) -> None:
-    """Write summary.md and the plot for ``rows`` and say where they are."""
-    from draft_rag.bench.report import plot_accuracy, write_summary
+    """Write summary.md and the plots for ``rows`` and say where they are."""
+    from draft_rag.bench.report import plot_accuracy, plot_accuracy_vs_time, write_summary
 
     summary = write_summary(rows, out, notes=_notes(rows, seconds), skipped=skipped)
-    plot = plot_accuracy(rows, out)
-    print(f"{len(rows)} rows in {out / 'results.jsonl'}\n{summary}\n{plot}")
+    plots = [plot_accuracy(rows, out), plot_accuracy_vs_time(rows, out)]
+    print(f"{len(rows)} rows in {out / 'results.jsonl'}\n{summary}\n" + "\n".join(map(str, plots)))
 
 
 def _models(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel, dict[str, Any] | None]:
@@ -133,8 +147,8 @@ def _notes(rows: list[dict[str, Any]], seconds: float | None) -> list[str]:
     """The settings lines at the top of summary.md, read from the rows themselves."""
     import torch
 
-    def values(key: str) -> str:
-        return ", ".join(str(v) for v in dict.fromkeys(r.get(key) for r in rows) if v is not None)
+    def values(key: str, among: list[dict[str, Any]] = rows) -> str:
+        return ", ".join(str(v) for v in dict.fromkeys(r.get(key) for r in among) if v is not None)
 
     samples = [len({r["sample_id"] for r in rows if (r["task"], r["length"]) == key})
                for key in {(r["task"], r["length"]) for r in rows}]
@@ -143,12 +157,17 @@ def _notes(rows: list[dict[str, Any]], seconds: float | None) -> list[str]:
         f"{platform.machine()} {platform.system()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"{'cuda' if torch.cuda.is_available() else 'cpu'}; greedy answers",
-        f"tasks {values('task')}; lengths {values('length')}; budgets {values('budget')}; "
+        f"tasks {values('task')}; lengths {values('length')}; prompt-side budgets "
+        f"{values('budget', [r for r in rows if r['method'] not in KV_METHODS]) or '–'}; KV-side budgets "
+        f"{values('budget', [r for r in rows if r['method'] in KV_METHODS]) or '–'}; "
         f"{min(samples)}{'' if min(samples) == max(samples) else f'-{max(samples)}'} samples per task "
         f"and length; seed {values('seed')}; "
         f"{values('chunk_tokens') or '256'}-token documents",
         f"{len(rows)} rows; their measured seconds add up to {sum(r['total_s'] for r in rows) / 60:.1f} min",
     ]
+    settings = {r["method"]: r["method_settings"] for r in rows if r.get("method_settings")}
+    for method, chosen in settings.items():
+        notes.append(f"`{method}` settings: " + ", ".join(f"{k}={v}" for k, v in chosen.items()))
     if seconds is not None:
         notes.append(f"this invocation took {seconds / 60:.1f} min (rows already in results.jsonl were reused)")
     return notes

@@ -4,19 +4,29 @@ Prompt-side methods shorten the documents (``compress(query, documents)``) and t
 shortened prompt with its full KV cache; KV-side methods give the target the whole prompt and evict
 its KV cache during generation (:class:`draft_rag.SpecKV`). ``full`` is the target reading everything,
 the reference for both sides; it does not depend on the budget and runs once per sample.
+
+``llmlingua`` (LongLLMLingua on the same draft) runs in a second process with its own environment
+(``bash scripts/llmlingua-env.sh``), started once and kept loaded; see :mod:`draft_rag.bench.llmlingua_worker`.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+from draft_rag.bench.llmlingua_worker import LONGLLMLINGUA_SETTINGS
 
 if TYPE_CHECKING:
     from draft_rag.bench.tasks import Sample
     from draft_rag.models import LoadedModel
-    from draft_rag.specpc import CompressionResult
 
 PROMPT_METHODS = ("full", "specpc", "snapkv-pc", "truncate", "embedding", "llmlingua")
 KV_METHODS = ("speckv", "snapkv", "streamingllm")
@@ -35,6 +45,13 @@ SNAPKV_PC_SETTINGS: dict[str, Any] = dict(
     kernel_size=7,
     neighbor_tokens=1,
 )
+
+
+LLMLINGUA_ENV = ".venv-llmlingua"
+LLMLINGUA_PYTHON = "DRAFT_RAG_LLMLINGUA_PYTHON"
+"""Environment variable naming the LongLLMLingua environment's python (default: ``.venv-llmlingua/bin/python``
+in the working directory, else beside the ``draft_rag`` package)."""
+WORKER_FILE = Path(__file__).with_name("llmlingua_worker.py")
 
 
 class MethodUnavailable(RuntimeError):
@@ -65,12 +82,31 @@ class Outcome:
 class Method(Protocol):
     name: str
     budgeted: bool
+    settings: dict[str, Any]
+    """What configures the method beyond the models and the budget; rows made with other settings are not
+    reused."""
 
     def run(self, sample: Sample, budget: int | None) -> Outcome: ...
 
 
+class KeptDocument(Protocol):
+    @property
+    def text(self) -> str: ...
+    @property
+    def dropped(self) -> bool: ...
+
+
+class Compressed(Protocol):
+    """What the bench reads from a compressor's output (:class:`draft_rag.specpc.CompressionResult` fits)."""
+
+    @property
+    def documents(self) -> Sequence[KeptDocument]: ...
+    @property
+    def total_kept_tokens(self) -> int: ...
+
+
 class Compressor(Protocol):
-    def compress(self, query: str, documents: list[str]) -> CompressionResult: ...
+    def compress(self, query: str, documents: list[str]) -> Compressed: ...
 
 
 @dataclass
@@ -99,6 +135,7 @@ class FullContext:
     answerer: Answerer
     name: str = "full"
     budgeted: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def run(self, sample: Sample, budget: int | None) -> Outcome:
         result, seconds = self.answerer.answer(sample.prompt(), sample.max_new_tokens)
@@ -113,6 +150,7 @@ class PromptCompression:
     name: str
     make: Callable[[int], Compressor]
     answerer: Answerer
+    settings: dict[str, Any] = field(default_factory=dict)
     budgeted: bool = True
     _compressors: dict[int, Compressor] = field(default_factory=dict, init=False, repr=False)
 
@@ -120,6 +158,7 @@ class PromptCompression:
         if budget is None:
             msg = f"method {self.name!r} needs a budget."
             raise ValueError(msg)
+        # Made before the clock starts: loading a compressor's model is not part of compressing.
         if budget not in self._compressors:
             self._compressors[budget] = self.make(budget)
         started = time.perf_counter()
@@ -141,6 +180,7 @@ class KVCompression:
     target: LoadedModel
     draft: LoadedModel
     budgeted: bool = True
+    settings: dict[str, Any] = field(default_factory=dict)
     _engines: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
 
     def run(self, sample: Sample, budget: int | None) -> Outcome:
@@ -205,11 +245,11 @@ def unavailable_reason(name: str) -> str | None:
     """Why method ``name`` cannot run in this environment, or None when it can."""
     import importlib.util
 
-    if name == "llmlingua":
+    if name == "llmlingua" and llmlingua_python() is None:
         return (
-            "llmlingua (LongLLMLingua) is not wired into this benchmark: llmlingua 0.2.2 needs its own "
-            "virtual environment with transformers==4.44.2 (see DESIGN section 7), which this process "
-            "cannot import; no rows are written for it."
+            f"LongLLMLingua runs in its own environment ({LLMLINGUA_ENV}: llmlingua 0.2.2 needs "
+            "transformers==4.44.2), which was not found; create it with `bash scripts/llmlingua-env.sh` "
+            f"(or point ${LLMLINGUA_PYTHON} at its python). No rows are written for llmlingua."
         )
     if name == "embedding":
         for package, pip_name in (("sentence_transformers", "sentence-transformers"),
@@ -228,15 +268,19 @@ def _make(
     if name in KV_METHODS:
         return KVCompression(name, target, draft)
     tokenizer = target.tokenizer
-    makers: dict[str, Callable[[int], Compressor]] = {
-        "specpc": lambda budget: _specpc(draft, tokenizer, budget, specpc_settings),
-        "snapkv-pc": lambda budget: _specpc(
-            draft, tokenizer, budget, {**specpc_settings, **SNAPKV_PC_SETTINGS}
-        ),
-        "truncate": lambda budget: _truncation(tokenizer, budget),
-        "embedding": _embedding_filters(tokenizer),
+    if name == "llmlingua":
+        worker = _llmlingua_worker(draft)
+        return PromptCompression(name, llmlingua_compressors(worker, tokenizer), answerer,
+                                 settings={**LONGLLMLINGUA_SETTINGS, "dtype": worker.dtype})
+    snapkv_pc = {**specpc_settings, **SNAPKV_PC_SETTINGS}
+    makers: dict[str, tuple[Callable[[int], Compressor], dict[str, Any]]] = {
+        "specpc": (lambda budget: _specpc(draft, tokenizer, budget, specpc_settings), specpc_settings),
+        "snapkv-pc": (lambda budget: _specpc(draft, tokenizer, budget, snapkv_pc), snapkv_pc),
+        "truncate": (lambda budget: _truncation(tokenizer, budget), {}),
+        "embedding": (_embedding_filters(tokenizer), {}),
     }
-    return PromptCompression(name, makers[name], answerer)
+    make, settings = makers[name]
+    return PromptCompression(name, make, answerer, settings=dict(settings))
 
 
 def _specpc(draft: LoadedModel, tokenizer: Any, budget: int, settings: dict[str, Any]) -> Compressor:
@@ -263,6 +307,177 @@ def _embedding_filters(tokenizer: Any) -> Callable[[int], Compressor]:
         return shared[-1]
 
     return make
+
+
+def llmlingua_python() -> Path | None:
+    """The LongLLMLingua environment's python: ``$DRAFT_RAG_LLMLINGUA_PYTHON``, else ``.venv-llmlingua`` in the
+    working directory or beside the ``draft_rag`` package (a source checkout); None when there is none."""
+    if os.environ.get(LLMLINGUA_PYTHON):
+        path = Path(os.environ[LLMLINGUA_PYTHON]).expanduser()
+        return path if path.is_file() else None
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        path = root / LLMLINGUA_ENV / "bin" / "python"
+        if path.is_file():
+            return path
+    return None
+
+
+@dataclass
+class TextOnly:
+    """A compressor's output that is one text, not spans of each document (LongLLMLingua reorders and merges)."""
+
+    text: str
+    dropped: bool = False
+
+
+@dataclass
+class TextOnlyResult:
+    documents: list[TextOnly]
+    total_kept_tokens: int
+
+
+@dataclass
+class LLMLinguaWorker:
+    """The LongLLMLingua worker process: started once, the draft loaded once, requests as JSON lines.
+
+    Args:
+        python: the LongLLMLingua environment's python.
+        model: the draft's safetensors directory (or a hub id that environment can load).
+        tokenizer: a tokenizer directory transformers 4.44 can read.
+        dtype: the draft's dtype, as the main process runs it (``"bfloat16"``, ``"float32"``).
+        threads: torch threads for the worker (default: this process's).
+        command: the worker's command line (default: ``python llmlingua_worker.py``); tests use a fake.
+    """
+
+    python: Path
+    model: str
+    tokenizer: str
+    dtype: str = "float32"
+    threads: int = 0
+    command: list[str] | None = None
+    _process: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
+    _log: IO[str] | None = field(default=None, init=False, repr=False)
+
+    def start(self) -> None:
+        """Start the worker and load the draft, unless it is already running."""
+        if self._process is not None and self._process.poll() is None:
+            return
+        import torch
+
+        self._log = tempfile.TemporaryFile("w+", encoding="utf-8")
+        self._process = subprocess.Popen(
+            self.command or [str(self.python), str(WORKER_FILE)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, encoding="utf-8",
+        )
+        atexit.register(self.close)
+        self.request({"op": "load", "model": self.model, "tokenizer": self.tokenizer, "dtype": self.dtype,
+                      "threads": self.threads or torch.get_num_threads()})
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and return the worker's answer; a failure raises with the worker's own words."""
+        if self._process is None or self._process.stdin is None or self._process.stdout is None:
+            msg = "the LongLLMLingua worker is not running; call start() first."
+            raise RuntimeError(msg)
+        try:
+            self._process.stdin.write(json.dumps(message, ensure_ascii=False) + "\n")
+            self._process.stdin.flush()
+            line = self._process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            msg = f"the LongLLMLingua worker stopped. Its last output:\n{self._log_tail()}"
+            raise RuntimeError(msg)
+        reply: dict[str, Any] = json.loads(line)
+        if not reply.get("ok"):
+            msg = f"the LongLLMLingua worker failed on {message.get('op')!r}: {reply.get('error')}"
+            raise RuntimeError(msg)
+        return reply
+
+    def close(self) -> None:
+        """Ask the worker to quit (then end it if it does not)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            if process.stdin is not None:
+                process.stdin.write('{"op": "quit"}\n')
+                process.stdin.close()
+            process.wait(timeout=10)
+        except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
+            process.kill()
+            process.wait()
+
+    def _log_tail(self, chars: int = 2000) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read()[-chars:]
+
+
+@dataclass
+class LongLLMLingua:
+    """LongLLMLingua at one budget, through the shared worker; the budget counts target tokens.
+
+    LongLLMLingua returns one text (documents ranked, reordered by relevance and merged), so the target
+    reads it as a single document. Its budget (``target_token``) is approximate: text beyond the budget is
+    cut at the end, where the least relevant document ends up, so every method reads at most ``budget``
+    context tokens.
+    """
+
+    worker: LLMLinguaWorker
+    budget: int
+    tokenizer: Any
+    """Counts tokens (the target's tokenizer)."""
+
+    def compress(self, query: str, documents: list[str]) -> TextOnlyResult:
+        self.worker.start()  # a no-op unless the worker stopped since
+        reply = self.worker.request(
+            {"op": "compress", "question": query, "documents": documents, "budget": self.budget}
+        )
+        ids = list(self.tokenizer(reply["text"], add_special_tokens=False)["input_ids"])
+        text = reply["text"] if len(ids) <= self.budget else str(self.tokenizer.decode(ids[: self.budget]))
+        return TextOnlyResult([TextOnly(text)], min(len(ids), self.budget))
+
+
+def llmlingua_compressors(worker: LLMLinguaWorker, tokenizer: Any) -> Callable[[int], Compressor]:
+    """Make LongLLMLingua compressors for any budget that share ``worker``, started on the first one (so
+    starting it and loading the draft happen before the bench's clock runs, as for every other method)."""
+
+    def make(budget: int) -> Compressor:
+        worker.start()
+        return LongLLMLingua(worker, budget, tokenizer)
+
+    return make
+
+
+def _llmlingua_worker(draft: LoadedModel) -> LLMLinguaWorker:
+    """A (not yet started) worker for ``draft``, or MethodUnavailable saying what is missing."""
+    from draft_rag.models import PACKAGED_MODELS, ensure_packaged_model
+
+    python = llmlingua_python()
+    if python is None:
+        raise MethodUnavailable(unavailable_reason("llmlingua") or "")
+    env = python.parent.parent
+    if draft.name in PACKAGED_MODELS:
+        # transformers 4.44 reads the converted safetensors, not the GGUF (Q5_0), and not the tokenizer.json
+        # transformers 5 wrote: scripts/llmlingua-env.sh saves a tokenizer read from the GGUF file.
+        model, tokenizer = str(ensure_packaged_model(draft.name, progress=False)), env / "tokenizers" / draft.name
+        if not (tokenizer / "tokenizer_config.json").is_file():
+            msg = f"{tokenizer} is missing; run `bash scripts/llmlingua-env.sh` to make it."
+            raise MethodUnavailable(msg)
+        return LLMLinguaWorker(python, model, str(tokenizer), _dtype_name(draft))
+    source = str(getattr(draft.model, "name_or_path", "") or "")
+    if not source or source.endswith(".gguf"):
+        msg = (
+            f"llmlingua loads the draft from files transformers 4.44 reads (a packaged name, a safetensors "
+            f"directory or a hub id); the draft {draft.name!r} has none."
+        )
+        raise MethodUnavailable(msg)
+    return LLMLinguaWorker(python, source, source, _dtype_name(draft))
+
+
+def _dtype_name(loaded: LoadedModel) -> str:
+    return str(loaded.model.dtype).removeprefix("torch.")
 
 
 def _ids(loaded: LoadedModel, text: str) -> list[int]:

@@ -1,11 +1,19 @@
-"""Turn benchmark rows into ``summary.md`` (accuracy and latency tables) and ``accuracy_vs_budget.png``.
+"""Turn benchmark rows into ``summary.md`` (accuracy and latency tables) and two plots.
 
-Latency is reported as ratios to ``full`` over the same samples of the same run: absolute seconds depend
-on the machine and on whatever else it was doing, ratios much less so.
+Every accuracy is shown with its number of samples ``n`` and a 95% Wilson score interval, so a reader can
+tell a difference from noise: at n = 20, 90% means anything from 70% to 97%. Latency is reported as ratios
+to ``full`` over the same samples of the same run: absolute seconds depend on the machine and on whatever
+else it was doing, ratios much less so.
+
+- ``accuracy_vs_budget.png``: accuracy (mean over tasks) against the budget, one line per method with its
+  interval as a band; ``full`` is a dashed line with its band.
+- ``accuracy_vs_time.png``: accuracy against mean end-to-end seconds (compress + answer), one point per
+  method and budget with its interval as an error bar.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -16,6 +24,28 @@ from draft_rag.bench.methods import KV_METHODS, METHODS
 
 SUMMARY_FILE = "summary.md"
 PLOT_FILE = "accuracy_vs_budget.png"
+TIME_PLOT_FILE = "accuracy_vs_time.png"
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(accuracy: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion ``accuracy`` observed over ``n`` samples.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0% or 100%. Tasks that give
+    partial credit (a fraction of the gold answers found) are treated as if each sample were one trial with
+    that mean, an approximation that errs on the wide side for them.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    z2 = z * z
+    centre = (accuracy + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _cell(accuracy: float, n: int) -> str:
+    low, high = wilson_interval(accuracy, n)
+    return f"{100 * accuracy:.1f} [{100 * low:.0f}, {100 * high:.0f}] n={n}"
 
 
 def _method_order(name: str) -> int:
@@ -39,8 +69,20 @@ def _label(method: str, budget: int | None) -> str:
     return method if budget is None else f"{method} @ {budget}"
 
 
+def _accuracy(cells: Iterable[Sequence[Mapping[str, Any]]]) -> tuple[float, int]:
+    """Mean over tasks of each task's mean accuracy, and the number of samples behind it."""
+    groups = [c for c in cells if c]
+    if not groups:
+        return 0.0, 0
+    return mean(mean(r["accuracy"] for r in c) for c in groups), sum(len(c) for c in groups)
+
+
 def accuracy_table(rows: Sequence[Mapping[str, Any]], length: int) -> str:
-    """Markdown table at one length: mean accuracy (%) per method/budget (rows) and task (columns)."""
+    """Markdown table at one length: accuracy (%) per method/budget (rows) and task (columns).
+
+    Each cell reads ``mean [95% Wilson interval] n=samples``; ``mean`` averages the task columns, its interval
+    counts every sample of the row.
+    """
     rows = [r for r in rows if r["length"] == length]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     cells = _groups(rows, "method", "budget", "task")
@@ -49,10 +91,9 @@ def accuracy_table(rows: Sequence[Mapping[str, Any]], length: int) -> str:
         "|---|" + "---:|" * (len(tasks) + 1),
     ]
     for method, budget in _settings(rows):
-        scores = [cells.get((method, budget, task)) for task in tasks]
-        shown = [f"{100 * mean(r['accuracy'] for r in c):.1f} (n={len(c)})" if c else "–" for c in scores]
-        task_means = [mean(r["accuracy"] for r in c) for c in scores if c]
-        overall = f"{100 * mean(task_means):.1f}" if task_means else "–"
+        scores = [cells.get((method, budget, task), []) for task in tasks]
+        shown = [_cell(*_accuracy([c])) if c else "–" for c in scores]
+        overall = _cell(*_accuracy(scores)) if any(scores) else "–"
         lines.append(f"| {_label(method, budget)} | " + " | ".join(shown) + f" | {overall} |")
     return "\n".join(lines)
 
@@ -94,7 +135,7 @@ def write_summary(
     notes: Sequence[str] = (),
     skipped: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``out/summary.md``: notes, then per length an accuracy table and a latency table."""
+    """Write ``out/summary.md``: notes, then per length an accuracy table, a latency table and the plots."""
     parts = [f"# {title}", ""]
     parts += [f"- {note}" for note in notes]
     for name, reason in (skipped or {}).items():
@@ -104,9 +145,10 @@ def write_summary(
         parts += [
             f"## {length} tokens: accuracy (%)",
             "",
-            "Mean string-match accuracy per task (n = samples); `mean` averages the task columns. "
-            "Prompt-side budgets are context tokens kept; KV-side (`speckv`, `snapkv`, `streamingllm`) "
-            "budgets are KV entries per head.",
+            "String-match accuracy per task: mean [95% Wilson interval] n=samples; `mean` averages the "
+            "task columns and its interval counts all their samples. Intervals that overlap do not "
+            "separate two methods. Prompt-side budgets are context tokens kept; KV-side (`speckv`, "
+            "`snapkv`, `streamingllm`) budgets are KV entries per head.",
             "",
             accuracy_table(rows, length),
             "",
@@ -119,52 +161,120 @@ def write_summary(
             latency_table(rows, length),
             "",
         ]
+    parts += [
+        f"![accuracy vs budget]({PLOT_FILE})",
+        "",
+        f"![accuracy vs end-to-end time]({TIME_PLOT_FILE})",
+        "",
+    ]
     path = out / SUMMARY_FILE
     path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def _color(method: str) -> str:
+    """One colour per method, the same in both plots."""
+    palette = ("black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+               "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+    return palette[_method_order(method) % len(palette)]
+
+
+def _points(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int | None, float, float, float, float]]]:
+    """Per method: ``(budget, accuracy %, low %, high %, mean end-to-end s)`` for each budget, budgets sorted."""
+    by_task = _groups(rows, "method", "budget", "task")
+    by_setting = _groups(rows, "method", "budget")
+    points: dict[str, list[tuple[int | None, float, float, float, float]]] = defaultdict(list)
+    for method, budget in _settings(rows):
+        accuracy, n = _accuracy(c for (m, b, _), c in by_task.items() if (m, b) == (method, budget))
+        low, high = wilson_interval(accuracy, n)
+        seconds = mean(r["total_s"] for r in by_setting[(method, budget)])
+        points[method].append((budget, 100 * accuracy, 100 * low, 100 * high, seconds))
+    return points
+
+
+def _figure(lengths: Sequence[int]) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.8), squeeze=False)
+
+
+def _save(figure: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
     return path
 
 
 def plot_accuracy(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
     """Write ``out/accuracy_vs_budget.png``: mean accuracy over tasks vs budget, one line per method.
 
-    One panel per length; ``full`` is a dashed horizontal line, KV-side methods are dotted.
+    One panel per length; each line carries its 95% Wilson interval as a band. ``full`` is a dashed
+    horizontal line with its band in grey; KV-side methods are dotted.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lengths = sorted({r["length"] for r in rows})
-    figure, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
+    figure, axes = _figure(lengths)
     for axis, length in zip(axes[0], lengths, strict=True):
         at_length = [r for r in rows if r["length"] == length]
-        by_task = _groups(at_length, "method", "budget", "task")
-        curves: dict[str, list[tuple[int | None, float]]] = defaultdict(list)
-        for method, budget in _settings(at_length):
-            task_means = [mean(r["accuracy"] for r in c) for (m, b, _), c in by_task.items()
-                          if (m, b) == (method, budget)]
-            curves[method].append((budget, 100 * mean(task_means)))
         # Markers shrink from method to method so that methods with equal accuracy stay visible.
-        for rank, (method, points) in enumerate(curves.items()):
+        for rank, (method, points) in enumerate(_points(at_length).items()):
             if method == "full":
-                axis.axhline(points[0][1], color="black", linestyle="--", label="full")
+                _, accuracy, low, high, _ = points[0]
+                axis.axhline(accuracy, color="black", linestyle="--", label="full")
+                axis.axhspan(low, high, color="black", alpha=0.08, linewidth=0)
                 continue
-            budgets, accuracy = zip(*sorted(points, key=lambda p: p[0] or 0), strict=True)
+            budgets = [p[0] or 0 for p in points]
             style = ":" if method in KV_METHODS else "-"
-            size = max(3.0, 12.0 - 1.5 * rank)
-            axis.plot(budgets, accuracy, marker="o", markersize=size, linestyle=style, label=method)
+            color = _color(method)
+            axis.plot(budgets, [p[1] for p in points], marker="o", markersize=max(3.0, 10.0 - 1.2 * rank),
+                      linestyle=style, color=color, label=method)
+            axis.fill_between(budgets, [p[2] for p in points], [p[3] for p in points], color=color, alpha=0.12,
+                              linewidth=0)
         ticks = sorted({r["budget"] for r in at_length if r["budget"] is not None})
         axis.set_xscale("log", base=2)
-        axis.set_xticks(ticks, [str(t) for t in ticks])
+        if ticks:
+            axis.set_xticks(ticks, [str(t) for t in ticks])
         axis.minorticks_off()
-        axis.set_xlabel("budget (tokens / KV entries per head)")
-        axis.set_ylabel("accuracy (%)")
+        axis.set_xlabel("budget (context tokens; KV-side: KV entries per head)")
+        axis.set_ylabel("accuracy (%), band: 95% Wilson interval")
         axis.set_ylim(-2, 102)
         axis.set_title(f"{length}-token prompts")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = out / PLOT_FILE
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, out / PLOT_FILE)
+
+
+def plot_accuracy_vs_time(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
+    """Write ``out/accuracy_vs_time.png``: accuracy against mean end-to-end seconds (compress + answer).
+
+    One panel per length, one point per method and budget (labelled with the budget), error bars for the
+    95% Wilson interval; points of one method are joined in budget order. Up and to the left is better.
+    """
+    lengths = sorted({r["length"] for r in rows})
+    figure, axes = _figure(lengths)
+    for axis, length in zip(axes[0], lengths, strict=True):
+        at_length = [r for r in rows if r["length"] == length]
+        for method, points in _points(at_length).items():
+            color = _color(method)
+            seconds, accuracy = [p[4] for p in points], [p[1] for p in points]
+            # Clamped: at 0% or 100% rounding can put a bound a hair on the wrong side.
+            errors = [[max(0.0, p[1] - p[2]) for p in points], [max(0.0, p[3] - p[1]) for p in points]]
+            axis.errorbar(seconds, accuracy, yerr=errors, color=color, marker="s" if method == "full" else "o",
+                          linestyle=":" if method in KV_METHODS else "-", linewidth=1, capsize=3,
+                          label=method)
+            for budget, y, _, _, x in points:
+                if budget is not None:
+                    axis.annotate(str(budget), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                  color=color)
+        axis.set_xlabel("mean end-to-end seconds per sample (compress + answer)")
+        axis.set_ylabel("accuracy (%), bars: 95% Wilson interval")
+        axis.set_ylim(-2, 102)
+        axis.set_xlim(left=0)
+        axis.set_title(f"{length}-token prompts (labels: budget)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    return _save(figure, out / TIME_PLOT_FILE)

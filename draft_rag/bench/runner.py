@@ -1,15 +1,19 @@
 """Run methods over generated samples and append one JSON row per sample x method x budget.
 
 Rows already present in ``results.jsonl`` are not recomputed, so an interrupted run resumes where it
-stopped. A row is reused only when every setting that changes a result (:data:`SETTINGS`: the models,
-the seed, the document size, the answer cap) matches the run's; rows of other settings, and rows that do
-not record them all, stay in the file but are neither reused nor returned. The ``full`` method (the
-target reading everything) runs once per sample; every other method runs once per budget. Jobs go sample
-by sample, so a run cut short still covers every task evenly.
+stopped. A row is reused only when everything that changes its result matches the run's: the job itself
+(task, length, sample index, method, budget), the run's :data:`SETTINGS` (the models, their dtype, the seed,
+the document size, the answer cap), the sample (``sample_hash``: a fingerprint of the prompt and the gold
+answers, so a change to a task's generator is not mistaken for the same sample) and the method's own
+settings (``method_settings``). Rows that differ, or do not record all of these, stay in the file but are
+neither reused nor returned. The ``full`` method (the target reading everything) runs once per sample and is
+the reference for every prompt-side and KV-side method and budget; every other method runs once per
+budget. Jobs go sample by sample, so a run cut short still covers every task evenly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import threading
@@ -63,8 +67,20 @@ class BenchConfig:
 
 
 def row_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What identifies a row: task, length, sample, method and budget."""
+    """What identifies a row within one configuration: task, length, sample, method and budget."""
     return (row["task"], row["length"], row["sample_id"], row["method"], row["budget"])
+
+
+def sample_hash(sample: Sample) -> str:
+    """A short fingerprint of what a sample asks: its prompt and its gold answers."""
+    text = json.dumps([sample.prompt(), sample.answers, sample.metric], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def latest_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per :func:`row_key`, the last one written (``--report-only`` reads a file runs appended to)."""
+    latest = {row_key(row): dict(row) for row in rows}
+    return list(latest.values())
 
 
 def same_settings(row: Mapping[str, Any], config: BenchConfig) -> bool:
@@ -128,20 +144,37 @@ def run_bench(
         print(f"draft-rag bench: {len(found) - len(rows)} rows in {path} were made with other settings "
               f"than {config.settings()} (or do not record them all); they are kept but not reused.",
               file=sys.stderr)
-    done = {row_key(row) for row in rows}
-    todo = [job for job in plan(config, methods) if job not in done]
+    jobs = plan(config, methods)
     samples: dict[tuple[str, int, int], Sample] = {}
+    for task, length, index, _, _ in jobs:
+        if (task, length, index) not in samples:
+            sample = generator.sample(task, length, index)
+            if config.max_new_tokens:
+                sample = replace(sample, max_new_tokens=min(sample.max_new_tokens, config.max_new_tokens))
+            samples[task, length, index] = sample
+    hashes = {key: sample_hash(sample) for key, sample in samples.items()}
+
+    def current(row: Mapping[str, Any]) -> bool:
+        # Rows of samples or methods outside this run are kept when they record what made them.
+        if "sample_hash" not in row or "method_settings" not in row:
+            return False
+        expected = hashes.get((row["task"], row["length"], row["sample_id"]), row["sample_hash"])
+        method = methods.get(row["method"])
+        settings = row["method_settings"] if method is None else _settings_of(method)
+        return bool(row["sample_hash"] == expected and row["method_settings"] == settings)
+
+    stale = [row for row in rows if not current(row)]
+    if stale:
+        print(f"draft-rag bench: {len(stale)} rows in {path} were made for other samples or method settings "
+              "(a changed task generator or method); they are kept but not reused.", file=sys.stderr)
+    rows = [row for row in rows if current(row)]
+    done = {row_key(row) for row in rows}
+    todo = [job for job in jobs if job not in done]
     with open(path, "a", encoding="utf-8") as sink, tqdm(total=len(todo), disable=not progress,
                                                          desc="bench", unit="run") as bar:
         for task, length, index, name, budget in todo:
             bar.set_postfix_str(f"{task}@{length} #{index} {name} {budget or ''}".strip())
-            key = (task, length, index)
-            if key not in samples:
-                sample = generator.sample(task, length, index)
-                if config.max_new_tokens:
-                    sample = replace(sample, max_new_tokens=min(sample.max_new_tokens, config.max_new_tokens))
-                samples[key] = sample
-            sample = samples[key]
+            sample = samples[task, length, index]
             with peak_rss() as peak:
                 outcome = methods[name].run(sample, budget)
             row = {
@@ -160,6 +193,8 @@ def run_bench(
                 "context_tokens": outcome.context_tokens,
                 "answer": outcome.answer,
                 "gold": sample.answers,
+                "sample_hash": hashes[task, length, index],
+                "method_settings": _settings_of(methods[name]),
                 **config.settings(),
             }
             sink.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -169,12 +204,19 @@ def run_bench(
     return rows
 
 
+def _settings_of(method: Method) -> dict[str, Any]:
+    """The method's settings as a row stores them (JSON round trip: tuples become lists)."""
+    settings: dict[str, Any] = json.loads(json.dumps(getattr(method, "settings", {}), sort_keys=True))
+    return settings
+
+
 @contextmanager
 def peak_rss(interval: float = 0.02) -> Iterator[list[int]]:
     """Sample this process's resident memory while the block runs; ``[peak bytes]`` is filled on exit.
 
     The process-wide high-water mark (``ru_maxrss``) never goes down, so it cannot tell one method's
-    peak from an earlier one's; a sampling thread can.
+    peak from an earlier one's; a sampling thread can. Child processes are not counted: the LongLLMLingua
+    worker stays alive (and holds its copy of the draft) while every other method runs.
     """
     import psutil
 

@@ -1,0 +1,76 @@
+"""The benchmark report: Wilson intervals, the summary and both plots."""
+
+from __future__ import annotations
+
+import pytest
+
+from draft_rag.bench.report import (
+    PLOT_FILE,
+    TIME_PLOT_FILE,
+    plot_accuracy,
+    plot_accuracy_vs_time,
+    wilson_interval,
+    write_summary,
+)
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "n", "low", "high"),
+    [
+        # 10 of 100, 5 of 10, 0 of 10, 20 of 20 and 16 of 20, to four places.
+        (0.1, 100, 0.0552, 0.1744),
+        (0.5, 10, 0.2366, 0.7634),
+        (0.0, 10, 0.0, 0.2775),
+        (1.0, 20, 0.8389, 1.0),
+        (0.8, 20, 0.5840, 0.9193),
+    ],
+)
+def test_wilson_interval_known_values(accuracy, n, low, high):
+    assert wilson_interval(accuracy, n) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_wilson_interval_is_all_of_0_1_without_samples_and_narrows_with_more():
+    assert wilson_interval(0.5, 0) == (0.0, 1.0)
+    widths = [(lambda w: w[1] - w[0])(wilson_interval(0.7, n)) for n in (5, 20, 80)]
+    assert widths == sorted(widths, reverse=True)
+
+
+def _row(task, method, budget, accuracy, total_s, sample_id=0, length=4096):
+    return {"task": task, "length": length, "sample_id": sample_id, "method": method, "budget": budget,
+            "accuracy": accuracy, "compress_s": 1.0, "answer_s": total_s - 1.0, "total_s": total_s,
+            "peak_rss_mb": 100.0, "kv_bytes": 2**20, "prompt_tokens": 50}
+
+
+ROWS = [
+    row
+    for sample in range(3)
+    for length in (2048, 4096)
+    for row in (
+        _row("qa", "full", None, 1.0, 30.0, sample, length),
+        *(_row("qa", "specpc", b, float(b >= 512 or sample == 0), 10.0 + b / 100, sample, length) for b in (256, 512)),
+        *(_row("qa", "llmlingua", b, 0.0, 60.0, sample, length) for b in (256, 512)),
+        *(_row("qa", "speckv", b, 1.0, 25.0, sample, length) for b in (128, 256)),
+    )
+]
+
+
+def test_summary_shows_intervals_and_links_both_plots(tmp_path):
+    text = write_summary(ROWS, tmp_path, notes=["draft tiny"], skipped={"kvpress": "not installed"}).read_text()
+    assert "## 4096 tokens: accuracy (%)" in text and "## 2048 tokens: accuracy (%)" in text
+    assert "`kvpress` skipped: not installed" in text
+    assert "| full | 100.0 [44, 100] n=3 | 100.0 [44, 100] n=3 |" in text
+    assert "| specpc @ 256 | 33.3 [6, 79] n=3 |" in text
+    assert f"]({PLOT_FILE})" in text and f"]({TIME_PLOT_FILE})" in text
+
+
+def test_both_plots_are_written(tmp_path):
+    for plot, name in ((plot_accuracy, PLOT_FILE), (plot_accuracy_vs_time, TIME_PLOT_FILE)):
+        path = plot(ROWS, tmp_path)
+        assert path == tmp_path / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_plots_work_with_full_alone(tmp_path):
+    only_full = [r for r in ROWS if r["method"] == "full"]
+    assert plot_accuracy(only_full, tmp_path).exists()
+    assert plot_accuracy_vs_time(only_full, tmp_path).exists()

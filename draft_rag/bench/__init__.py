@@ -4,17 +4,19 @@
 - :mod:`draft_rag.bench.methods`: ``full``, prompt-side (SpecPC, its SnapKV-style ablation, truncation,
   embedding filter) and KV-side (SpecKV, SnapKV, StreamingLLM) methods behind one interface.
 - :mod:`draft_rag.bench.runner`: one JSON row per sample x method x budget, resumable.
-- :mod:`draft_rag.bench.report`: ``summary.md`` and ``accuracy_vs_budget.png``.
+- :mod:`draft_rag.bench.report`: ``summary.md`` (Wilson intervals), ``accuracy_vs_budget.png`` and
+  ``accuracy_vs_time.png``.
 
 Nothing here imports torch at import time.
 """
 
 from draft_rag.bench.methods import METHODS, build_methods
-from draft_rag.bench.report import plot_accuracy, write_summary
+from draft_rag.bench.report import plot_accuracy, plot_accuracy_vs_time, write_summary
 from draft_rag.bench.runner import BenchConfig, run_bench
-from draft_rag.bench.tasks import TASKS, Sample, TaskGenerator
+from draft_rag.bench.tasks import DEFAULT_TASKS, TASKS, Sample, TaskGenerator
 
 __all__ = [
+    "DEFAULT_TASKS",
     "METHODS",
     "TASKS",
     "BenchConfig",
@@ -22,6 +24,7 @@ __all__ = [
     "TaskGenerator",
     "build_methods",
     "plot_accuracy",
+    "plot_accuracy_vs_time",
     "run_bench",
     "write_summary",
 ]

@@ -13,24 +13,29 @@ over observers, giving one score per KV head and key. The ``vertical_size`` best
 The vertical pattern is shared by the query heads of a KV group (as the SpecKV reference does), so GQA
 models gather the vertical keys and values once per KV head and layer. Only keys that some query sees
 outside its band (``< n - window_size``) are candidates. Queries are processed in blocks of
-``block_size`` (default :data:`QUERY_BLOCK_SIZE`): each block concatenates the gathered vertical keys with
-the band keys the block spans and runs one masked attention (softmax in fp32), so memory stays
-O(heads * block_size * (window_size + vertical_size + block_size)).
+``block_size`` (default :data:`QUERY_BLOCK_SIZE`): per KV head, each block runs one sdpa call (in fp32) of
+the group's query heads over the band keys the block spans plus the vertical keys, under one additive mask
+shared by the group, so the extra memory is O(block_size * (window_size + vertical_size + block_size)).
 
 Cost: a query attends to at most ``window_size + vertical_size`` keys (the first ``window_size`` queries
-attend causally to everything before them), against ``i + 1`` for dense causal attention; each block also
-computes ``block_size - 1`` band keys per query that the mask discards. Of dense attention's ``n**2 / 2``
-scores it computes about ``(window_size**2 / 2 + (n - window_size) * (window_size + vertical_size +
-block_size)) / (n**2 / 2)``: 51% at 16k tokens with the defaults (2048, 2048, 512), 30% with 1024/1024,
-plus the observer scoring (``num_observers * n`` per head). Projections and MLPs are unchanged, so the
-prefill as a whole saves less. Sequences of at most ``window_size + vertical_size`` tokens, and every
-forward call that extends a cache (decode steps, later prefill chunks), run the model's dense attention.
+attend causally to everything before them), against ``i + 1`` for dense causal attention, and a block
+also scores up to ``block_size - 1`` band keys per query that its mask discards. Of dense attention's
+``n**2 / 2`` scores it computes at most ``(window_size**2 / 2 + (n - window_size) * (window_size +
+vertical_size + block_size)) / (n**2 / 2)``: 56% at 16k tokens with the defaults (2048, 2048, 1024), 35%
+with 1024/1024, and less when the chosen columns lie late in the sequence (a query uses only the columns
+before its band). The observer scoring adds ``num_observers * n`` scores per head. Masked blocks cost
+more per score than dense causal sdpa: on a 2-core AVX2 CPU the attention of a 16k-token Qwen2.5-1.5B layer
+takes about 0.65x of dense with the defaults and 0.45x with 1024/1024. Projections and MLPs are
+unchanged, so the prefill as a whole saves less (see ``docs/bench/sparse_prefill.md``). Sequences of at
+most ``window_size + vertical_size`` tokens, and every forward call that extends a cache (decode steps,
+later prefill chunks), run the model's dense attention.
 
 Based on https://arxiv.org/abs/2506.08373 (SpecKV's sparse prefill) and MInference's vertical-slash pattern.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import threading
@@ -57,7 +62,7 @@ PREFILL_WINDOW_SIZE = 2048
 """Default band: each query attends to the keys ending at itself, this many of them."""
 PREFILL_VERTICAL_SIZE = 2048
 """Default number of vertical key columns per layer and KV head."""
-QUERY_BLOCK_SIZE = 512
+QUERY_BLOCK_SIZE = 1024
 """Queries whose sparse attention is computed at once."""
 
 # Implementations whose mask is None for an unpadded prefill from position 0, so the sparse path knows the
@@ -149,9 +154,6 @@ def sparse_prefill_attention(
 
     group = heads // kv_heads
     columns = vertical_columns(query, key, num_observers, vertical_size, window_size, scaling)
-    gather = columns[..., None].expand(-1, -1, -1, dim)
-    vertical_keys = key.gather(2, gather).float()
-    vertical_values = value.gather(2, gather).float()
     out = torch.empty_like(query)
     # The first window_size queries see every earlier key through their band: plain causal attention.
     out[:, :, :window_size] = F.scaled_dot_product_attention(
@@ -162,25 +164,50 @@ def sparse_prefill_attention(
         scale=scaling,
         enable_gqa=True,
     ).to(query.dtype)
-    for start in range(window_size, n, block_size):
-        end = min(start + block_size, n)
-        band_start = start - window_size + 1
-        positions = torch.arange(start, end, device=query.device)
-        first_in_band = positions - window_size + 1
-        # Columns are ascending, so the ones any query of this block can use form a prefix.
-        used = int((columns < end - window_size).sum(dim=-1).max())
-        keys = torch.cat([vertical_keys[:, :, :used], key[:, :, band_start:end].float()], dim=2)
-        values = torch.cat([vertical_values[:, :, :used], value[:, :, band_start:end].float()], dim=2)
-        band = torch.arange(band_start, end, device=query.device)
-        band_mask = (band[None, :] >= first_in_band[:, None]) & (band[None, :] <= positions[:, None])
-        vertical_mask = columns[:, :, None, :used] < first_in_band[None, None, :, None]
-        mask = torch.cat([vertical_mask, band_mask.expand(batch, kv_heads, -1, -1)], dim=-1)
-        # Pack each KV group's query heads along the query axis so keys, values and mask stay per KV head.
-        rows = end - start
-        grouped = query[:, :, start:end].float().reshape(batch, kv_heads, group * rows, dim)
-        grouped_mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, group * rows, -1)
-        block = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=grouped_mask, scale=scaling)
-        out[:, :, start:end] = block.reshape(batch, heads, rows, dim).to(query.dtype)
+    rows = min(block_size, n - window_size)
+    band_width = window_size + rows - 1
+    # Block keys, per KV head: the band_width keys ending at the block's last query (fewer for a shorter
+    # last block), then the vertical columns. Row a of a block sees band key c when a <= c < a + window_size.
+    offsets = torch.arange(band_width, device=query.device)
+    local = torch.arange(rows, device=query.device)[:, None]
+    band_hidden = (offsets < local) | (offsets >= local + window_size)
+    for b in range(batch):
+        for g in range(kv_heads):
+            head_columns = columns[b, g]
+            ascending = head_columns.tolist()
+            # Float masks shared by the group's query heads (a boolean one would be expanded to floats per
+            # head inside sdpa); keys, values and mask live in buffers that each block updates in part.
+            keys = torch.zeros(band_width + len(ascending), dim, device=query.device)
+            values = torch.zeros_like(keys)
+            keys[band_width:] = key[b, g, head_columns].float()
+            values[band_width:] = value[b, g, head_columns].float()
+            mask = torch.zeros(rows, band_width + len(ascending), device=query.device)
+            mask[:, :band_width].masked_fill_(band_hidden, float("-inf"))
+            heads_of_group = slice(g * group, (g + 1) * group)
+            previous_fully_seen = 0
+            for start in range(window_size, n, block_size):
+                end = min(start + block_size, n)
+                band_start = start - window_size + 1
+                keys[: end - band_start] = key[b, g, band_start:end].float()
+                values[: end - band_start] = value[b, g, band_start:end].float()
+                # Columns before the block's first band are seen by all its queries; the next ones up to the
+                # last query's band start are seen by some.
+                fully_seen = bisect.bisect_left(ascending, band_start)
+                used = bisect.bisect_left(ascending, end - window_size)
+                mask[:, band_width + previous_fully_seen : band_width + used] = 0.0
+                first_in_band = torch.arange(band_start, end - window_size + 1, device=query.device)[:, None]
+                partly_seen = mask[: end - start, band_width + fully_seen : band_width + used]
+                partly_seen.masked_fill_(head_columns[fully_seen:used] >= first_in_band, float("-inf"))
+                previous_fully_seen = fully_seen
+                attended = F.scaled_dot_product_attention(
+                    query[b, heads_of_group, start:end].float()[None],
+                    keys[None, None, : band_width + used],
+                    values[None, None, : band_width + used],
+                    attn_mask=mask[None, None, : end - start, : band_width + used],
+                    scale=scaling,
+                    enable_gqa=True,
+                )
+                out[b, heads_of_group, start:end] = attended[0].to(query.dtype)
     return out
 
 

@@ -75,7 +75,7 @@ def test_batch_results_carry_kv_and_timings(tiny_pair):
     short, long = engine.generate([QUESTION, LONG_PROMPT], max_new_tokens=5)
     single = engine.generate(LONG_PROMPT, max_new_tokens=5)
     for result in (short, long):
-        assert set(result.timings) == {"draft_s", "prefill_s", "ttft_s", "decode_s", "tokens_per_s"}
+        assert set(result.timings) == {"compress_s", "draft_s", "prefill_s", "ttft_s", "decode_s", "tokens_per_s"}
         assert result.timings["ttft_s"] >= result.timings["prefill_s"] > 0
     assert short.timings["draft_s"] < long.timings["draft_s"]  # within budget: no draft
     assert short.timings["ttft_s"] > long.timings["prefill_s"]  # the first token waits for every prefill

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
-from draft_rag.bench.study import StudyLog, mean
+from draft_rag.bench.study import StudyLog, add_model_options, load_pair, mean
 from draft_rag.bench.tasks import TASKS, TaskGenerator
-from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
 
 RESULTS_FILE = "speckv_memory.jsonl"
 SUMMARY_FILE = "speckv_memory.md"
@@ -64,16 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-budget", type=int, default=256)
     parser.add_argument("--prompt-budget", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--target", default=DEFAULT_TARGET)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    add_model_options(parser)
     args = parser.parse_args(argv)
 
     from draft_rag import SpecKV
 
-    target = load_model(args.target, dtype=args.dtype)
-    draft = load_model(args.draft, dtype=args.dtype)
+    target, draft = load_pair(args)
     generator = TaskGenerator(target.tokenizer, seed=args.seed)
     log = StudyLog(args.out, RESULTS_FILE, ("config", "task", "length", "sample_id", "seed"))
     for sample in generator.samples(args.task, args.length, args.samples):

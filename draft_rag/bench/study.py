@@ -7,10 +7,16 @@ working on; a rerun skips the rows whose key is already in the file.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model
+
+if TYPE_CHECKING:
+    from draft_rag.models import LoadedModel
 
 Row = dict[str, Any]
 
@@ -55,6 +61,19 @@ class StudyLog:
 
     def _key(self, row: Row) -> tuple[Any, ...]:
         return tuple(row.get(name) for name in self.key)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--draft``, ``--target``, ``--dtype`` and ``--out``, as every study that runs both models takes them."""
+    parser.add_argument("--draft", default=DEFAULT_DRAFT)
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+
+
+def load_pair(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel]:
+    """The target and the draft that :func:`add_model_options` named."""
+    return load_model(args.target, dtype=args.dtype), load_model(args.draft, dtype=args.dtype)
 
 
 def mean(rows: Iterable[Row], field: str) -> float:

@@ -122,7 +122,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         "(attention includes the q/k/v/o projections). The MLPs do the same work in both modes, so their "
         "wall time gauges how fast the shared machine ran at that moment: the load-adjusted ratio is "
         "(TTFT / MLP s) over dense's (TTFT / MLP s). Needle: the greedy answer of "
-        f"{rows[0]['new_tokens']} tokens contains it.",
+        f"{rows[0]['new_tokens']} tokens contains it. † marks a row whose run resumed after its dense row's run.",
         "",
         "| length | prompt tokens | mode | window / vertical | TTFT s | CPU s | TTFT / dense | load-adjusted | "
         "attention share | MLP share | needle | load avg |",
@@ -133,9 +133,11 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         same_run = [r for r in dense if r["run"] == row["run"]] or dense
         ratio = adjusted = "-"
         if same_run:
-            ratio = f"{row['ttft_s'] / same_run[0]['ttft_s']:.2f}"
+            # A dagger marks a ratio to the dense row of an earlier run (this run resumed after it).
+            mark = "" if same_run[0]["run"] == row["run"] else " †"
+            ratio = f"{row['ttft_s'] / same_run[0]['ttft_s']:.2f}{mark}"
             speed = same_run[0]["mlp_s"] / row["mlp_s"]
-            adjusted = f"{speed * row['ttft_s'] / same_run[0]['ttft_s']:.2f}"
+            adjusted = f"{speed * row['ttft_s'] / same_run[0]['ttft_s']:.2f}{mark}"
         setting = f"{row['window_size']} / {row['vertical_size']}" if row["mode"] == "sparse" else "-"
         lines.append(
             f"| {row['length']} | {row['prompt_tokens']} | {row['mode']} | {setting} | {row['ttft_s']:.1f} | "

@@ -122,29 +122,43 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         "(attention includes the q/k/v/o projections). The MLPs do the same work in both modes, so their "
         "wall time gauges how fast the shared machine ran at that moment: the load-adjusted ratio is "
         "(TTFT / MLP s) over dense's (TTFT / MLP s). Needle: the greedy answer of "
-        f"{rows[0]['new_tokens']} tokens contains it. † marks a row whose run resumed after its dense row's run.",
+        f"{rows[0]['new_tokens']} tokens contains it; answer as dense: it is the dense row's answer token for "
+        "token. † marks a row whose run resumed after its dense row's run.",
         "",
         "| length | prompt tokens | mode | window / vertical | TTFT s | CPU s | TTFT / dense | load-adjusted | "
-        "attention share | MLP share | needle | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "attention share | MLP share | needle | answer as dense | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda r: (r["length"], r["mode"] != "dense", -(r["window_size"] or 0))):
         dense = [r for r in rows if r["length"] == row["length"] and r["mode"] == "dense"]
         same_run = [r for r in dense if r["run"] == row["run"]] or dense
-        ratio = adjusted = "-"
-        if same_run:
+        ratio = adjusted = same_answer = "-"
+        if same_run and row["mode"] == "sparse":
             # A dagger marks a ratio to the dense row of an earlier run (this run resumed after it).
             mark = "" if same_run[0]["run"] == row["run"] else " †"
             ratio = f"{row['ttft_s'] / same_run[0]['ttft_s']:.2f}{mark}"
             speed = same_run[0]["mlp_s"] / row["mlp_s"]
             adjusted = f"{speed * row['ttft_s'] / same_run[0]['ttft_s']:.2f}{mark}"
+            same_answer = "yes" if row["answer"] == same_run[0]["answer"] else "no"
         setting = f"{row['window_size']} / {row['vertical_size']}" if row["mode"] == "sparse" else "-"
         lines.append(
             f"| {row['length']} | {row['prompt_tokens']} | {row['mode']} | {setting} | {row['ttft_s']:.1f} | "
             f"{row['ttft_cpu_s']:.1f} | {ratio} | {adjusted} | {100 * row['attention_s'] / row['ttft_s']:.0f}% | "
-            f"{100 * row['mlp_s'] / row['ttft_s']:.0f}% | {'yes' if row['found'] else 'no'} | "
+            f"{100 * row['mlp_s'] / row['ttft_s']:.0f}% | {'yes' if row['found'] else 'no'} | {same_answer} | "
             f"{row['load_avg']:.1f} |"
         )
+    bounds = [
+        f"{100 * (1 - r['attention_s'] / r['ttft_s']):.0f}% at {r['length']}"
+        for r in sorted(rows, key=lambda r: r["length"])
+        if r["mode"] == "dense"
+    ]
+    if bounds:
+        lines += [
+            "",
+            "Outside the attention layers (MLPs, norms, embeddings, the LM head) a dense prefill spends "
+            f"{', '.join(bounds)} tokens of its TTFT: the least TTFT / dense that any attention sparsity "
+            "could reach on this machine.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -20,10 +20,23 @@ from draft_rag.bench.tasks import TASKS, TaskGenerator
 
 RESULTS_FILE = "lookahead.jsonl"
 SUMMARY_FILE = "lookahead.md"
-LOOKAHEADS = (0, 8, 16, 32, 64)
+LOOKAHEADS = ("0", "8", "16", "32", "64", "max")
 
 
-def study_row(engine: Any, sample: Any, lookahead: int) -> dict[str, Any]:
+def parse_lookahead(value: str) -> int | str:
+    """``"max"`` (the engine's default: up to the task's ``max_new_tokens``) or a non-negative integer."""
+    if value == "max":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"lookahead must be a non-negative integer or 'max', got {value!r}")
+    return number
+
+
+def study_row(engine: Any, sample: Any, lookahead: int | str) -> dict[str, Any]:
     """Generate ``sample``'s answer with ``engine`` (already set to ``lookahead``) and time it."""
     started = time.perf_counter()
     result = engine.generate(sample.prompt(), max_new_tokens=sample.max_new_tokens)
@@ -44,14 +57,14 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
     ]
     base_ttft = mean([r for r in rows if r["lookahead"] == 0], "ttft_s")
-    for lookahead in sorted({r["lookahead"] for r in rows}):
+    for lookahead in sorted({r["lookahead"] for r in rows}, key=lambda la: (isinstance(la, str), str(la).zfill(6))):
         group = [r for r in rows if r["lookahead"] == lookahead]
         per_task = []
         for task in tasks:
             cell = [r for r in group if r["task"] == task]
             per_task.append(f"{100 * mean(cell, 'score'):.0f}% (n={len(cell)})" if cell else "—")
         ratio = f"{mean(group, 'ttft_s') / base_ttft:.2f}x" if base_ttft else "—"
-        label = "0 (SnapKV)" if lookahead == 0 else str(lookahead)
+        label = {0: "0 (SnapKV)", "max": "up to max_new_tokens"}.get(lookahead, str(lookahead))
         lines.append(
             f"| {label} | {len(group)} | {100 * mean(group, 'score'):.0f}% | " + " | ".join(per_task)
             + f" | {mean(group, 'draft_s'):.1f} | {mean(group, 'ttft_s'):.1f} | {mean(group, 'total_s'):.1f} | "
@@ -65,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["niah_multikey", "niah_multivalue", "qa"])
     parser.add_argument("--length", type=int, default=2048, help="prompt tokens (default 2048)")
     parser.add_argument("--samples", type=int, default=2, help="samples per task (default 2)")
-    parser.add_argument("--lookaheads", nargs="+", type=int, default=list(LOOKAHEADS),
-                        help="draft answer lengths; 0 runs SnapKV (default 0 8 16 32 64)")
+    parser.add_argument("--lookaheads", nargs="+", type=parse_lookahead,
+                        default=[parse_lookahead(v) for v in LOOKAHEADS],
+                        help="draft answer lengths; 0 runs SnapKV, max is the engine's default of up to the "
+                        "task's max_new_tokens (default 0 8 16 32 64 max)")
     parser.add_argument("--kv-budget", type=int, default=128)
     parser.add_argument("--seed", type=int, default=1, help="task seed (default 1, a tuning seed)")
     parser.add_argument("--chunk-tokens", type=int, default=256)
@@ -80,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     log = StudyLog(args.out, RESULTS_FILE, ("task", "length", "sample_id", "lookahead", "kv_budget", "seed"))
     engines = {
         la: SpecKV(target=target, draft=draft, method="snapkv" if la == 0 else "speckv", budget=args.kv_budget,
-                   lookahead_tokens=la or None)
+                   lookahead_tokens=None if la == "max" else la or None)
         for la in args.lookaheads
     }
     for task in args.tasks:

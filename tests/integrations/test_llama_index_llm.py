@@ -89,6 +89,13 @@ def test_per_call_options_and_metadata(llm):
     assert llm.metadata.num_output == 8
 
 
+def test_context_window_comes_from_the_target_unless_given(llm, tiny_pair):
+    target, draft = tiny_pair
+    assert llm.metadata.context_window == target.model.config.max_position_embeddings
+    given = type(llm)(target=target, draft=draft, context_window=1000, **SETTINGS)
+    assert given.metadata.context_window == 1000
+
+
 def test_max_tokens_is_an_alias_and_unknown_options_raise(llm):
     assert llm.complete(PROMPT, max_tokens=3).additional_kwargs["completion_tokens"] == 3
     assert list(llm.stream_chat(MESSAGES, max_tokens=2))[-1].message.additional_kwargs["completion_tokens"] == 2

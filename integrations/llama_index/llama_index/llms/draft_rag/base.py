@@ -94,7 +94,11 @@ class DraftRAGLLM(CustomLLM):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     stop: list[str] | None = Field(default=None, description="Strings that end the answer.")
     seed: int | None = Field(default=None, description="Random seed for sampling.")
-    context_window: int = Field(default=32768, gt=0, description="The target's context length, in tokens.")
+    context_window: int | None = Field(
+        default=None, gt=0,
+        description="The target's context length in tokens; None reads it from the target's config (this loads "
+        "the models on first use of metadata).",
+    )
     speckv_kwargs: dict[str, Any] = Field(default_factory=dict, description="More draft_rag.SpecKV settings.")
 
     _engine: Lazy[SpecKV] = PrivateAttr(default_factory=Lazy)
@@ -107,7 +111,7 @@ class DraftRAGLLM(CustomLLM):
     def metadata(self) -> LLMMetadata:
         name = self.target if isinstance(self.target, str) else getattr(self.target, "name", "") or "local"
         return LLMMetadata(
-            context_window=self.context_window,
+            context_window=self.context_window or self.engine.target.max_context,
             num_output=self.max_new_tokens,
             is_chat_model=True,
             model_name=name,

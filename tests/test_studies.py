@@ -58,3 +58,25 @@ def test_study_log_resumes_from_its_file(tmp_path):
     assert mean(again.rows, "score") == 0.5 and mean([], "score") == 0.0
     assert again.summarize("rows.md", lambda rows: f"{len(rows)} rows\n") == "2 rows\n"
     assert (tmp_path / "out" / "rows.md").read_text() == "2 rows\n"
+
+
+def test_lookahead_study_parses_max_and_orders_rows():
+    import argparse
+
+    import pytest
+
+    from draft_rag.bench.lookahead_study import parse_lookahead
+    from draft_rag.bench.lookahead_study import summarize as summarize_lookahead
+
+    assert parse_lookahead("max") == "max"
+    assert parse_lookahead("16") == 16
+    for bad in ("-1", "many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="lookahead"):
+            parse_lookahead(bad)
+    rows = [
+        {"task": "qa", "lookahead": la, "score": score, "draft_s": 1.0, "ttft_s": ttft, "total_s": ttft + 1}
+        for la, score, ttft in (("max", 1.0, 3.0), (64, 1.0, 3.0), (8, 0.0, 2.0), (0, 0.0, 1.5))
+    ]
+    table = summarize_lookahead(rows).splitlines()[2:]
+    assert [line.split(" | ")[0] for line in table] == ["| 0 (SnapKV)", "| 8", "| 64", "| up to max_new_tokens"]
+    assert table[-1].endswith("| 2.00x |")

@@ -30,6 +30,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "question observers": {"observe_from": "question"},
     "document boundaries": {"document_boundaries": True},
     "lookahead 8, ramp over window": {"lookahead_tokens": 8, "ramp_window_only": True},
+    "document boundaries, question observers": {"document_boundaries": True, "observe_from": "question"},
 }
 
 

@@ -18,6 +18,7 @@ _EXPORTS = {
     "SpecPC": "draft_rag.specpc",
     "CompressionResult": "draft_rag.specpc",
     "CompressedDocument": "draft_rag.specpc",
+    "ContextScores": "draft_rag.specpc",
     "DraftCache": "draft_rag.draft_cache",
     "SpecKV": "draft_rag.generation",
     "GenerationResult": "draft_rag.generation",
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from draft_rag.generation import GenerationResult, SpecKV
     from draft_rag.models import LoadedModel, load_model
     from draft_rag.scoring import ObserverScores, ScoreReduction
-    from draft_rag.specpc import CompressedDocument, CompressionResult, SpecPC
+    from draft_rag.specpc import CompressedDocument, CompressionResult, ContextScores, SpecPC
 
 
 def __getattr__(name: str) -> Any:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from draft_rag.scoring import cache_kwargs
+
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -229,7 +231,7 @@ def forward_tokens(
     kwargs: dict[str, Any] = {
         "input_ids": torch.tensor(tokens, device=device)[:, None],
         "position_ids": torch.tensor(positions, device=device)[:, None],
-        "past_key_values": cache,
+        **cache_kwargs(model, cache),
         "use_cache": True,
     }
     if padding_mask is not None:

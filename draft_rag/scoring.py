@@ -19,10 +19,11 @@ changed.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +38,29 @@ Pool = Literal["max", "avg"]
 
 OBSERVER_BLOCK_SIZE = 32
 """Observer rows whose attention onto all keys is computed at once (bounds the scoring's extra memory)."""
+
+
+def cache_kwargs(model: PreTrainedModel, cache: Cache) -> dict[str, Cache]:
+    """``{keyword: cache}`` for a forward call of ``model``: transformers 5.25 renamed ``past_key_values`` to
+    ``cache`` (the old keyword still works there, with a warning, until 5.40); older 5.x know only the old one."""
+    model_class = type(model)
+    if model_class not in _CACHE_KEYWORDS:
+        parameters = inspect.signature(model_class.forward).parameters
+        _CACHE_KEYWORDS[model_class] = "cache" if "cache" in parameters else "past_key_values"
+    return {_CACHE_KEYWORDS[model_class]: cache}
+
+
+_CACHE_KEYWORDS: dict[type, str] = {}
+
+
+def hooked_cache(kwargs: Mapping[str, Any]) -> Cache:
+    """The KV cache a layer's forward call received, under either keyword (see :func:`cache_kwargs`)."""
+    cache = kwargs.get("cache")
+    cache = kwargs.get("past_key_values") if cache is None else cache
+    if cache is None:
+        msg = "scoring and eviction hooks need the forward call to use a KV cache (pass a DynamicCache())."
+        raise RuntimeError(msg)
+    return cache
 
 # Layer types (``config.layer_types``) whose attention the scoring reproduces, and the config field holding
 # each one's window (None: the layer attends to every earlier key).
@@ -297,10 +321,7 @@ class ObserverScores:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if threading.get_ident() != self._thread:
                 return  # another thread's forward call on a model shared with this block
-            cache = kwargs.get("past_key_values")
-            if cache is None:
-                msg = "ObserverScores needs the forward call to use a KV cache (pass past_key_values=DynamicCache())."
-                raise RuntimeError(msg)
+            cache = hooked_cache(kwargs)
             hidden = args[0] if args else kwargs["hidden_states"]
             self._observe(layer_index, module, hidden, cache.layers[module.layer_idx].keys, kwargs)
 
@@ -405,7 +426,7 @@ def prefill(
     with torch.inference_mode():
         for start in range(0, input_ids.shape[1], chunk_size):
             chunk = input_ids[:, start : start + chunk_size]
-            out = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=chunk, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]
             if progress is not None:
                 progress(chunk.shape[1])

@@ -123,6 +123,28 @@ class CompressionResult:
         return [d.text for d in self.documents]
 
 
+@dataclass(frozen=True)
+class ContextScores:
+    """One draft pass over a query and its documents (:meth:`SpecPC.score`), selectable at any budget.
+
+    Attributes:
+        query, documents: what was read.
+        original_tokens: tokens of each document, counted as the budget counts them.
+        seconds: how long counting and the draft pass took.
+        prompt: the draft prompt and its token-to-character map (None when every document is blank).
+        scores: the draft's attention score of every draft prompt position, not yet pooled (None likewise).
+        lookahead_text: the draft's decoded lookahead tokens (see :attr:`CompressionResult.lookahead_text`).
+    """
+
+    query: str
+    documents: list[str]
+    original_tokens: list[int]
+    seconds: float
+    prompt: _DraftPrompt | None = None
+    scores: torch.Tensor | None = None
+    lookahead_text: str = ""
+
+
 @dataclass
 class SpecPC:
     """SpecPC prompt compression with a small draft model.
@@ -254,20 +276,59 @@ class SpecPC:
         """
         _check_inputs(query, documents)
         started = time.perf_counter()
-        draft, counter = self._loaded()
+        counter = self._loaded()[1]
         originals = [_count(counter, doc) for doc in documents]
         if sum(originals) <= self.budget:
             kept = [_unchanged(doc, n) for doc, n in zip(documents, originals)]
             return CompressionResult(kept, query, self.budget, time.perf_counter() - started)
+        return self.select(self._score(query, documents, originals, started))
+
+    def score(self, query: str, documents: Sequence[str]) -> ContextScores:
+        """Run the draft once over ``query`` and ``documents``; :meth:`select` then compresses them to any budget.
+
+        ``compress(query, documents)`` is ``select(score(query, documents))`` except that it skips the draft
+        when the documents already fit. Use this to compare several budgets for the price of one draft pass.
+        The draft does not run when every document is blank. Raises as :meth:`compress` does.
+        """
+        _check_inputs(query, documents)
+        started = time.perf_counter()
+        counter = self._loaded()[1]
+        return self._score(query, documents, [_count(counter, doc) for doc in documents], started)
+
+    def select(self, context: ContextScores, budget: int | None = None) -> CompressionResult:
+        """Compress the documents that :meth:`score` read to ``budget`` tokens (default :attr:`budget`).
+
+        Selection and pooling use this instance's settings, so ``context`` should come from this instance's
+        :meth:`score`. The result's ``seconds`` is the draft pass's time plus the selection's: what one
+        :meth:`compress` call at that budget costs.
+        """
+        started = time.perf_counter()
+        budget = self.budget if budget is None else budget
+        check_int("SpecPC budget", budget, 1)
+        originals = context.original_tokens
+        if sum(originals) <= budget:
+            kept = [_unchanged(doc, n) for doc, n in zip(context.documents, originals)]
+        elif context.prompt is None or context.scores is None:  # every document blank: nothing was scored
+            kept = [_blank(n) for n in originals]
+        else:
+            kept = self._fit_budget(context.prompt, context.scores, self._loaded()[1], originals, budget)
+        return CompressionResult(
+            kept, context.query, budget, context.seconds + time.perf_counter() - started,
+            len(context.prompt.input_ids) if context.prompt else 0, context.lookahead_text,
+        )
+
+    def _score(
+        self, query: str, documents: Sequence[str], originals: list[int], started: float
+    ) -> ContextScores:
+        """The draft's scores for the documents (none when all are blank), timed from ``started``."""
         if not any(doc.strip() for doc in documents):
-            blanks = [_blank(n) for n in originals]
-            return CompressionResult(blanks, query, self.budget, time.perf_counter() - started)
+            return ContextScores(query, list(documents), originals, time.perf_counter() - started)
+        draft = self._loaded()[0]
         prompt = _DraftPrompt(draft.tokenizer, query, documents)
         _check_length(prompt, draft, self.lookahead_tokens)
         scores, lookahead = self._score_context(draft, prompt)
-        compressed = self._fit_budget(prompt, scores, counter, originals)
-        return CompressionResult(
-            compressed, query, self.budget, time.perf_counter() - started, len(prompt.input_ids),
+        return ContextScores(
+            query, list(documents), originals, time.perf_counter() - started, prompt, scores,
             draft.tokenizer.decode(lookahead, skip_special_tokens=True),
         )
 
@@ -338,6 +399,7 @@ class SpecPC:
         scores: torch.Tensor,
         counter: PreTrainedTokenizerBase,
         originals: list[int],
+        budget: int,
     ) -> list[CompressedDocument]:
         """The documents rebuilt from the largest token selection whose text fits the budget."""
         from draft_rag.scoring import pool_scores
@@ -355,7 +417,7 @@ class SpecPC:
             kept = select_tokens(context_scores, draft_budget, self.neighbor_tokens, segments)
             return self._rebuild(prompt, kept.tolist(), context_scores, counter, originals)
 
-        return fit_to_budget(build, self.budget)
+        return fit_to_budget(build, budget)
 
     def _rebuild(
         self,

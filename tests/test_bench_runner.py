@@ -236,3 +236,34 @@ def test_results_rows_are_json_lines(tmp_path):
     run_bench(CONFIG, _methods(), TaskGenerator(tiny_tokenizer(), chunk_tokens=64), tmp_path, progress=False)
     for line in (tmp_path / RESULTS_FILE).read_text().splitlines():
         assert isinstance(json.loads(line)["accuracy"], float)
+
+
+@pytest.mark.parametrize("name", ["specpc", "snapkv-pc"])
+def test_specpc_budgets_of_a_sample_share_one_draft_pass(tiny_pair, name):
+    from draft_rag import SpecPC
+    from draft_rag.bench.methods import SNAPKV_PC_SETTINGS
+    from draft_rag.bench.tiny import TINY_SPECPC_SETTINGS
+
+    draft, target = tiny_pair
+    methods, _ = build_methods([name], draft=draft, target=target, specpc_settings=TINY_SPECPC_SETTINGS)
+    generator = TaskGenerator(target.tokenizer, chunk_tokens=64)
+    settings = {**TINY_SPECPC_SETTINGS, **(SNAPKV_PC_SETTINGS if name == "snapkv-pc" else {})}
+    calls = []
+    handle = draft.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for index in (0, 1):
+            sample = generator.sample("niah_single", 600, index)
+            before = len(calls)
+            first = methods[name].run(sample, 64)
+            read = len(calls)
+            second = methods[name].run(sample, 128)
+            assert read > before and len(calls) == read  # the draft reads each sample once, for both budgets
+            for budget, outcome in ((64, first), (128, second)):
+                alone = SpecPC(draft=draft, budget=budget, target_tokenizer=target.tokenizer, progress=False,
+                               **settings).compress(sample.question, sample.documents)
+                assert outcome.context_tokens == alone.total_kept_tokens
+            draft_pass = methods[name]._compressors[128].latest["context"].seconds
+            assert min(first.compress_s, second.compress_s) >= draft_pass > 0  # each budget pays for the pass
+            del calls[read:]  # the fresh compressions above ran the draft too
+    finally:
+        handle.remove()

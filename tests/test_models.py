@@ -18,9 +18,11 @@ def test_loads_a_local_directory_once(tmp_path):
     tiny = tiny_model("llama", seed=3)
     tiny.model.save_pretrained(tmp_path)
     tiny.tokenizer.save_pretrained(tmp_path)
-    first = load_model(str(tmp_path), device="cpu")
-    assert load_model(tmp_path, device="cpu") is first
+    first = load_model(str(tmp_path), device="cpu", dtype=torch.float32)
+    assert load_model(tmp_path, device="cpu", dtype=torch.float32) is first
     assert first.model.config._attn_implementation == "sdpa" and first.model.dtype == torch.float32
+    # Without a dtype the CPU's own default applies (bf16 where it has native bf16, see below).
+    assert load_model(tmp_path, device="cpu").model.dtype == models.default_dtype("cpu")
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(first.model(ids).logits, tiny.model(ids).logits)
 

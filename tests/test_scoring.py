@@ -171,3 +171,21 @@ def test_pool_keeps_length_and_spreads_peaks():
     assert avg[0, 4:8].tolist() == [0.25] * 4 and avg.sum().item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="pool"):
         pool_scores(scores, 3, "median")  # type: ignore[arg-type]
+
+
+def test_cache_keyword_follows_the_model_forward(tiny_qwen):
+    import inspect
+
+    cache = DynamicCache()
+    (keyword,) = scoring.cache_kwargs(tiny_qwen.model, cache)
+    assert keyword in inspect.signature(type(tiny_qwen.model).forward).parameters
+
+    class OlderModel(torch.nn.Module):  # transformers before 5.25 took the cache only as past_key_values
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    assert scoring.cache_kwargs(OlderModel(), cache) == {"past_key_values": cache}
+    assert scoring.hooked_cache({"past_key_values": cache}) is cache
+    assert scoring.hooked_cache({"cache": cache, "past_key_values": None}) is cache
+    with pytest.raises(RuntimeError, match="KV cache"):
+        scoring.hooked_cache({"hidden_states": None})

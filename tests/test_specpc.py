@@ -264,3 +264,53 @@ def test_window_only_ramp_weighs_lookahead_rows_one():
     assert observer_weights(5, ramp_rows=3).tolist() == [0.0, 0.5, 1.0, 1.0, 1.0]
     assert observer_weights(3).tolist() == [0.0, 0.5, 1.0]
     assert observer_weights(1, ramp_rows=1).tolist() == [1.0]
+
+
+def count_forwards(loaded):
+    calls = []
+    handle = loaded.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_one_draft_pass_selects_like_compress_at_every_budget(draft, lookahead):
+    pc = make(draft, lookahead_tokens=lookahead)
+    calls, handle = count_forwards(draft)
+    try:
+        context = pc.score(QUERY, DOCS)
+        forwards = len(calls)
+        selected = {budget: pc.select(context, budget) for budget in (12, 30, 48, 10_000)}
+        assert len(calls) == forwards > 0  # selection never runs the draft
+    finally:
+        handle.remove()
+    for budget, result in selected.items():
+        expected = make(draft, budget=budget, lookahead_tokens=lookahead).compress(QUERY, DOCS)
+        assert result.texts == expected.texts and result.budget == budget
+        assert [d.spans for d in result.documents] == [d.spans for d in expected.documents]
+        assert result.lookahead_text == context.lookahead_text
+        assert result.seconds >= context.seconds > 0  # each result costs what one compress call would
+    assert selected[10_000].texts == DOCS  # budget >= context: unchanged
+    assert pc.select(context).budget == pc.budget
+
+
+def test_score_reads_blank_documents_without_the_draft(draft):
+    pc = make(draft, budget=1)
+    calls, handle = count_forwards(draft)
+    try:
+        context = pc.score(QUERY, ["  ", "\n"])
+        result = pc.select(context)
+    finally:
+        handle.remove()
+    assert not calls and context.scores is None
+    assert [d.blank and d.text == "" for d in result.documents] == [True, True]
+
+
+def test_select_checks_its_budget_and_score_its_inputs(draft):
+    pc = make(draft)
+    context = pc.score(QUERY, DOCS)
+    with pytest.raises(ValueError, match="budget"):
+        pc.select(context, 0)
+    with pytest.raises(TypeError, match="budget"):
+        pc.select(context, 1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="documents"):
+        pc.score(QUERY, "one string")  # type: ignore[arg-type]

@@ -72,6 +72,7 @@ def run_mode(
     from transformers import DynamicCache
 
     from draft_rag.models import stop_token_ids
+    from draft_rag.scoring import cache_kwargs
     from draft_rag.sparse_prefill import QUERY_BLOCK_SIZE, sparse_prefill
 
     model = target.model
@@ -81,16 +82,17 @@ def run_mode(
         else contextlib.nullcontext()
     )
     cache = DynamicCache(config=model.config)
+    past = cache_kwargs(model, cache)
     with torch.inference_mode(), target.lock:
         wall, cpu = time.perf_counter(), time.process_time()
         with sparse, layer_timer(model) as split:
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=ids, **past, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         ttft_s, ttft_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
         stops = set(stop_token_ids(target))
         answer = [int(token)]
         while len(answer) < new_tokens and answer[-1] not in stops:
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            token = model(input_ids=token, **past, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
             answer.append(int(token))
     text = target.tokenizer.decode(answer, skip_special_tokens=True)
     return {

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from draft_rag.scoring import ObserverScores, ScoreReduction, attention_modules, check_int, prefill
+from draft_rag.scoring import (
+    ObserverScores,
+    ScoreReduction,
+    attention_modules,
+    check_int,
+    hooked_cache,
+    prefill,
+)
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -163,7 +170,7 @@ def evicting_layers(model: PreTrainedModel, evict: Callable[[Any, int], None], p
 
     def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if threading.get_ident() == thread:
-            cache = kwargs["past_key_values"]
+            cache = hooked_cache(kwargs)
             peak.observe(cache)
             evict(cache.layers[module.layer_idx], module.layer_idx)
 

@@ -18,6 +18,7 @@ from llama_index.core.schema import (
     TextNode,
 )
 
+from draft_rag.adapter_support import adapter_specpc, checked_cache
 from draft_rag.models import DEFAULT_DRAFT, Lazy
 
 if TYPE_CHECKING:
@@ -107,24 +108,15 @@ class DraftNodePostprocessor(BaseNodePostprocessor):
     @property
     def specpc(self) -> SpecPC:
         """The underlying :class:`draft_rag.SpecPC` for the current settings (its model loads on first use)."""
-        from draft_rag import SpecPC
-
-        # dict() rejects a setting given twice (as a field and in specpc_kwargs) instead of picking one.
-        # A DraftCache equals only itself, so the same cache keeps the SpecPC and another one rebuilds it.
-        settings = dict(
+        return adapter_specpc(
+            self._specpc, self.specpc_kwargs,
             draft=self.draft, budget=self.budget, target_tokenizer=self.target_tokenizer, cache=self.cache,
-            **self.specpc_kwargs,
         )
-        return self._specpc.get(lambda: SpecPC(**settings), settings)
 
     @field_validator("cache")
     @classmethod
     def _check_cache_type(cls, cache: Any) -> DraftCache | None:
-        if cache is None:  # no torch import for the default
-            return None
-        from draft_rag.draft_cache import as_draft_cache
-
-        return as_draft_cache(cache)
+        return checked_cache(cache)
 
     @field_serializer("cache")
     def _cache_settings(self, cache: DraftCache | None) -> str | None:

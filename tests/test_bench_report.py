@@ -74,3 +74,28 @@ def test_plots_work_with_full_alone(tmp_path):
     only_full = [r for r in ROWS if r["method"] == "full"]
     assert plot_accuracy(only_full, tmp_path).exists()
     assert plot_accuracy_vs_time(only_full, tmp_path).exists()
+
+
+def test_paired_differences_know_their_mean_and_cover_it():
+    from draft_rag.bench.report import paired_differences
+
+    assert paired_differences([(1.0, 1.0)] * 5) == (0.0, 0.0, 0.0)
+    assert paired_differences([(1.0, 0.0)] * 4) == (100.0, 100.0, 100.0)
+    diff, low, high = paired_differences([(1.0, 0.0)] * 6 + [(0.0, 1.0)] * 2 + [(0.5, 0.5)] * 12)
+    assert diff == pytest.approx(20.0) and low < diff < high and low > -100 and high < 100
+    assert paired_differences([]) == (0.0, 0.0, 0.0)
+
+
+def test_paired_table_compares_each_reference_with_its_side_at_the_same_budget():
+    from draft_rag.bench.report import paired_table
+
+    lines = paired_table(ROWS, 4096).splitlines()[2:]
+    labels = [line.split(" | ")[0].lstrip("| ") for line in lines]
+    assert labels == [
+        "specpc @ 256 vs full", "specpc @ 256 vs llmlingua @ 256",
+        "specpc @ 512 vs full", "specpc @ 512 vs llmlingua @ 512",
+        "speckv @ 128 vs full", "speckv @ 256 vs full",
+    ]
+    # specpc @ 256 is right on sample 0 only; llmlingua never: 1 better, 2 ties, mean +33.3 points.
+    assert lines[1].startswith("| specpc @ 256 vs llmlingua @ 256 | 3 | 1 | 2 | 0 | +33.3 [")
+    assert lines[0].startswith("| specpc @ 256 vs full | 3 | 0 | 1 | 2 | -66.7 [")

@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 ELISION_MARKER = " … "
 """Stands between kept spans, and at either end of a document where text was cut."""
 
+SELECTION_SETTINGS = frozenset({"budget", "pool", "kernel_size", "neighbor_tokens", "document_boundaries",
+                                "elision_marker"})
+"""SpecPC settings that act only after the draft pass: two SpecPCs that differ only in these read a text
+alike, so the :class:`ContextScores` of one can be passed to the other's :meth:`SpecPC.select`."""
+
 SNAP_REACH = 16
 """Most characters a kept span is widened by, at each end, to reach the edge of its word."""
 
@@ -299,9 +304,9 @@ class SpecPC:
     def select(self, context: ContextScores, budget: int | None = None) -> CompressionResult:
         """Compress the documents that :meth:`score` read to ``budget`` tokens (default :attr:`budget`).
 
-        Selection and pooling use this instance's settings, so ``context`` should come from this instance's
-        :meth:`score`. The result's ``seconds`` is the draft pass's time plus the selection's: what one
-        :meth:`compress` call at that budget costs.
+        Selection and pooling use this instance's settings, so ``context`` should come from the :meth:`score`
+        of this instance or of one that differs only in :data:`SELECTION_SETTINGS`. The result's ``seconds``
+        is the draft pass's time plus the selection's: what one :meth:`compress` call at that budget costs.
         """
         started = time.perf_counter()
         budget = self.budget if budget is None else budget

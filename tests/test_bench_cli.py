@@ -14,7 +14,7 @@ from draft_rag.bench.tasks import DEFAULT_TASKS
 from draft_rag.cli import main
 
 MATRIX = (
-    "--methods full specpc embedding truncate snapkv-pc llmlingua speckv snapkv streamingllm "
+    "--methods full specpc specpc-paper embedding truncate snapkv-pc llmlingua speckv snapkv streamingllm "
     "--budgets 256 512 1024 --kv-budgets 128 256 --samples 20 --seed 0 --out bench-out"
 )
 
@@ -32,10 +32,10 @@ def test_the_documented_command_covers_the_whole_matrix():
     jobs = plan(config, methods)
     assert list(config.tasks) == list(DEFAULT_TASKS) and list(config.lengths) == [4096] and config.seed == 0
     per_sample = {(name, budget) for _, _, _, name, budget in jobs}
-    prompt_side = {"specpc", "embedding", "truncate", "snapkv-pc", "llmlingua"}
+    prompt_side = {"specpc", "specpc-paper", "embedding", "truncate", "snapkv-pc", "llmlingua"}
     assert per_sample == {("full", None)} | {(m, b) for m in prompt_side for b in (256, 512, 1024)} | {
         (m, b) for m in KV_METHODS for b in (128, 256)}
-    assert len(jobs) == 20 * len(DEFAULT_TASKS) * (1 + 5 * 3 + 3 * 2)
+    assert len(jobs) == 20 * len(DEFAULT_TASKS) * (1 + 6 * 3 + 3 * 2)
     # The defaults are the same matrix.
     default = config_from_args(_parse("--out bench-out"))
     assert (default.budgets, default.kv_budgets, default.samples) == ([256, 512, 1024], [128, 256], 20)

@@ -238,16 +238,17 @@ def test_results_rows_are_json_lines(tmp_path):
         assert isinstance(json.loads(line)["accuracy"], float)
 
 
-@pytest.mark.parametrize("name", ["specpc", "snapkv-pc"])
+@pytest.mark.parametrize("name", ["specpc", "specpc-paper", "snapkv-pc"])
 def test_specpc_budgets_of_a_sample_share_one_draft_pass(tiny_pair, name):
     from draft_rag import SpecPC
-    from draft_rag.bench.methods import SNAPKV_PC_SETTINGS
+    from draft_rag.bench.methods import SNAPKV_PC_SETTINGS, SPECPC_PAPER_SETTINGS
     from draft_rag.bench.tiny import TINY_SPECPC_SETTINGS
 
     draft, target = tiny_pair
     methods, _ = build_methods([name], draft=draft, target=target, specpc_settings=TINY_SPECPC_SETTINGS)
     generator = TaskGenerator(target.tokenizer, chunk_tokens=64)
-    settings = {**TINY_SPECPC_SETTINGS, **(SNAPKV_PC_SETTINGS if name == "snapkv-pc" else {})}
+    variant = {"specpc": {}, "specpc-paper": SPECPC_PAPER_SETTINGS, "snapkv-pc": SNAPKV_PC_SETTINGS}[name]
+    settings = {**TINY_SPECPC_SETTINGS, **variant}
     calls = []
     handle = draft.model.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
@@ -267,3 +268,29 @@ def test_specpc_budgets_of_a_sample_share_one_draft_pass(tiny_pair, name):
             del calls[read:]  # the fresh compressions above ran the draft too
     finally:
         handle.remove()
+
+
+def test_specpc_variants_that_read_alike_share_the_draft_pass_and_others_do_not(tiny_pair):
+    from draft_rag import SpecPC
+    from draft_rag.bench.tiny import TINY_SPECPC_SETTINGS
+
+    draft, target = tiny_pair
+    names = ["specpc", "specpc-paper", "snapkv-pc"]
+    methods, _ = build_methods(names, draft=draft, target=target, specpc_settings=TINY_SPECPC_SETTINGS)
+    sample = TaskGenerator(target.tokenizer, chunk_tokens=64).sample("niah_multikey", 600, 0)
+    calls = []
+    handle = draft.model.register_forward_pre_hook(lambda *_: calls.append(len(calls)))
+    try:
+        counts = []
+        for name in names:
+            before = len(calls)
+            outcome = methods[name].run(sample, 96)
+            counts.append(len(calls) - before)
+            if name == "specpc-paper":
+                alone = SpecPC(draft=draft, budget=96, target_tokenizer=target.tokenizer, progress=False,
+                               document_boundaries=False, **TINY_SPECPC_SETTINGS)
+                assert outcome.context_tokens == alone.compress(sample.question, sample.documents).total_kept_tokens
+    finally:
+        handle.remove()
+    # specpc reads; specpc-paper (pooling across documents, the same reading) reuses it; snapkv-pc reads anew.
+    assert counts[0] > 0 and counts[1] == 0 and counts[2] > 0

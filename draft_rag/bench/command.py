@@ -2,7 +2,7 @@
 
 Example (the default tasks at 4k tokens; prompt-side budgets 256/512/1024, KV-side 128/256)::
 
-    draft-rag bench --methods full specpc embedding truncate snapkv-pc llmlingua speckv snapkv streamingllm \\
+    draft-rag bench --methods full specpc specpc-paper embedding truncate snapkv-pc llmlingua speckv snapkv streamingllm \\
         --budgets 256 512 1024 --kv-budgets 128 256 --samples 20 --seed 0 --out bench-out
     draft-rag bench --preset tiny --out /tmp/bench-tiny      # tiny random models: plumbing only
 

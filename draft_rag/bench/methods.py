@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from draft_rag.bench.tasks import Sample
     from draft_rag.models import LoadedModel
 
-PROMPT_METHODS = ("full", "specpc", "snapkv-pc", "truncate", "embedding", "llmlingua")
+PROMPT_METHODS = ("full", "specpc", "specpc-paper", "snapkv-pc", "truncate", "embedding", "llmlingua")
 KV_METHODS = ("speckv", "snapkv", "streamingllm")
 METHODS = PROMPT_METHODS + KV_METHODS
 
@@ -45,6 +45,11 @@ SNAPKV_PC_SETTINGS: dict[str, Any] = dict(
     kernel_size=7,
     neighbor_tokens=1,
 )
+
+
+# SpecPC as the paper has it, before the refinement adopted on the tuning seed: pooling and neighbourhoods
+# run across document edges. Its draft pass is the same as specpc's, so the bench shares it.
+SPECPC_PAPER_SETTINGS: dict[str, Any] = dict(document_boundaries=False)
 
 
 LLMLINGUA_ENV = ".venv-llmlingua"
@@ -231,11 +236,12 @@ def build_methods(
     answerer = Answerer(target=target, draft=draft)
     methods: dict[str, Method] = {"full": FullContext(answerer)}
     skipped: dict[str, str] = {}
+    draft_passes: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(names):
         if name == "full":
             continue
         try:
-            methods[name] = _make(name, draft, target, answerer, specpc_settings or {})
+            methods[name] = _make(name, draft, target, answerer, specpc_settings or {}, draft_passes)
         except MethodUnavailable as reason:
             skipped[name] = str(reason)
     return methods, skipped
@@ -260,7 +266,12 @@ def unavailable_reason(name: str) -> str | None:
 
 
 def _make(
-    name: str, draft: LoadedModel, target: LoadedModel, answerer: Answerer, specpc_settings: dict[str, Any]
+    name: str,
+    draft: LoadedModel,
+    target: LoadedModel,
+    answerer: Answerer,
+    specpc_settings: dict[str, Any],
+    draft_passes: dict[str, dict[str, Any]],
 ) -> Method:
     reason = unavailable_reason(name)
     if reason:
@@ -272,30 +283,31 @@ def _make(
         worker = _llmlingua_worker(draft)
         return PromptCompression(name, llmlingua_compressors(worker, tokenizer), answerer,
                                  settings={**LONGLLMLINGUA_SETTINGS, "dtype": worker.dtype})
-    snapkv_pc = {**specpc_settings, **SNAPKV_PC_SETTINGS}
-    makers: dict[str, tuple[Callable[[int], Compressor], dict[str, Any]]] = {
-        "specpc": (_specpc_budgets(draft, tokenizer, specpc_settings), specpc_settings),
-        "snapkv-pc": (_specpc_budgets(draft, tokenizer, snapkv_pc), snapkv_pc),
-        "truncate": (lambda budget: _truncation(tokenizer, budget), {}),
-        "embedding": (_embedding_filters(tokenizer), {}),
-    }
-    make, settings = makers[name]
-    return PromptCompression(name, make, answerer, settings=dict(settings))
+    if name == "truncate":
+        return PromptCompression(name, lambda budget: _truncation(tokenizer, budget), answerer)
+    if name == "embedding":
+        return PromptCompression(name, _embedding_filters(tokenizer), answerer)
+    variants = {"specpc": {}, "specpc-paper": SPECPC_PAPER_SETTINGS, "snapkv-pc": SNAPKV_PC_SETTINGS}
+    settings = {**specpc_settings, **variants[name]}
+    return PromptCompression(name, _specpc_budgets(draft, tokenizer, settings, draft_passes), answerer,
+                             settings=settings)
 
 
 @dataclass
 class SharedDraftPass:
-    """SpecPC at one budget, sharing one draft pass per sample with the other budgets of the same method.
+    """SpecPC at one budget, sharing one draft pass per sample with the other budgets and variants that read alike.
 
-    The bench runs a sample's budgets one after another, and the draft's reading of a sample does not
-    depend on the budget: it runs once (:meth:`draft_rag.SpecPC.score`) and each budget selects from it.
-    Each result's ``seconds`` still includes the draft pass: what one ``compress`` call at that budget costs.
+    The bench runs a sample's budgets one after another, and the draft's reading of a sample depends neither
+    on the budget nor on the other :data:`draft_rag.specpc.SELECTION_SETTINGS`: it runs once
+    (:meth:`draft_rag.SpecPC.score`) and each budget, and each SpecPC variant that differs only in selection,
+    selects from it. Each result's ``seconds`` still includes the draft pass: what one ``compress`` call at
+    that budget costs.
     """
 
     specpc: Any
     budget: int
     latest: dict[str, Any]
-    """Shared by the method's budgets: the last sample read (``key``) and its scores (``context``)."""
+    """Shared by SpecPCs that read alike: the last sample read (``key``) and its scores (``context``)."""
 
     def compress(self, query: str, documents: list[str]) -> Compressed:
         key = (query, tuple(documents))
@@ -305,12 +317,17 @@ class SharedDraftPass:
         return result
 
 
-def _specpc_budgets(draft: LoadedModel, tokenizer: Any, settings: dict[str, Any]) -> Callable[[int], Compressor]:
-    """Make SpecPC compressors for any budget that share one SpecPC and its latest draft pass."""
+def _specpc_budgets(
+    draft: LoadedModel, tokenizer: Any, settings: dict[str, Any], draft_passes: dict[str, dict[str, Any]]
+) -> Callable[[int], Compressor]:
+    """Make SpecPC compressors for any budget that share one SpecPC, and its latest draft pass with every other
+    SpecPC in ``draft_passes`` whose settings differ only in selection."""
     from draft_rag import SpecPC
+    from draft_rag.specpc import SELECTION_SETTINGS
 
     specpc = SpecPC(draft=draft, target_tokenizer=tokenizer, progress=False, **settings)
-    latest: dict[str, Any] = {}
+    reading = {k: v for k, v in settings.items() if k not in SELECTION_SETTINGS}
+    latest = draft_passes.setdefault(json.dumps(reading, sort_keys=True), {})
     return lambda budget: SharedDraftPass(specpc, budget, latest)
 
 

@@ -99,3 +99,15 @@ def test_paired_table_compares_each_reference_with_its_side_at_the_same_budget()
     # specpc @ 256 is right on sample 0 only; llmlingua never: 1 better, 2 ties, mean +33.3 points.
     assert lines[1].startswith("| specpc @ 256 vs llmlingua @ 256 | 3 | 1 | 2 | 0 | +33.3 [")
     assert lines[0].startswith("| specpc @ 256 vs full | 3 | 0 | 1 | 2 | -66.7 [")
+
+
+def test_complete_samples_keep_only_samples_every_setting_answered():
+    from draft_rag.bench.report import complete_samples
+
+    # Sample 2 at 4096 tokens lacks llmlingua @ 512: its rows go; every 2048 sample is complete.
+    rows = [r for r in ROWS if not (r["length"] == 4096 and r["sample_id"] == 2 and r["method"] == "llmlingua"
+                                    and r["budget"] == 512)]
+    kept, left_out = complete_samples(rows)
+    assert left_out == 6 and len(kept) == len(rows) - 6
+    assert {(r["length"], r["sample_id"]) for r in kept} == {(2048, 0), (2048, 1), (2048, 2), (4096, 0), (4096, 1)}
+    assert complete_samples(ROWS) == (ROWS, 0)

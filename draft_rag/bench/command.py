@@ -2,8 +2,8 @@
 
 Example (the default tasks at 4k tokens; prompt-side budgets 256/512/1024, KV-side 128/256)::
 
-    draft-rag bench --methods full specpc specpc-paper embedding truncate snapkv-pc llmlingua speckv snapkv streamingllm \\
-        --budgets 256 512 1024 --kv-budgets 128 256 --samples 20 --seed 0 --out bench-out
+    draft-rag bench --methods full specpc specpc-paper embedding truncate snapkv-pc llmlingua \\
+        speckv snapkv streamingllm --budgets 256 512 1024 --kv-budgets 128 256 --samples 20 --seed 0 --out bench-out
     draft-rag bench --preset tiny --out /tmp/bench-tiny      # tiny random models: plumbing only
 
 Writes ``results.jsonl`` (resumable), ``summary.md``, ``accuracy_vs_budget.png`` and
@@ -124,10 +124,19 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def _report(rows: list[dict[str, Any]], out: Path, skipped: dict[str, str], seconds: float | None) -> None:
     """Write summary.md and the plots for ``rows`` and say where they are."""
-    from draft_rag.bench.report import plot_accuracy, plot_accuracy_vs_time, write_summary
+    from draft_rag.bench.report import complete_samples, plot_accuracy, plot_accuracy_vs_time, write_summary
 
-    summary = write_summary(rows, out, notes=_notes(rows, seconds), skipped=skipped)
-    plots = [plot_accuracy(rows, out), plot_accuracy_vs_time(rows, out)]
+    shown, left_out = complete_samples(rows)
+    notes = _notes(shown or rows, seconds)
+    if not shown:
+        shown = rows
+        notes.append("no sample has been answered by every method and budget yet: the tables mix samples")
+    elif left_out:
+        notes.append(f"{left_out} rows of samples that not every method and budget has answered yet are left out "
+                     "of the tables and plots, so every method is compared on the same samples (the rows stay in "
+                     "results.jsonl; a resumed run completes those samples)")
+    summary = write_summary(shown, out, notes=notes, skipped=skipped)
+    plots = [plot_accuracy(shown, out), plot_accuracy_vs_time(shown, out)]
     print(f"{len(rows)} rows in {out / 'results.jsonl'}\n{summary}\n" + "\n".join(map(str, plots)))
 
 

@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from statistics import mean
-from typing import Any
+from typing import Any, TypeVar
 
 from draft_rag.bench.methods import KV_METHODS, METHODS
 
@@ -75,6 +75,23 @@ def _accuracy(cells: Iterable[Sequence[Mapping[str, Any]]]) -> tuple[float, int]
     if not groups:
         return 0.0, 0
     return mean(mean(r["accuracy"] for r in c) for c in groups), sum(len(c) for c in groups)
+
+
+Row = TypeVar("Row", bound=Mapping[str, Any])
+
+
+def complete_samples(rows: Sequence[Row]) -> tuple[list[Row], int]:
+    """The rows of samples that every method and budget in ``rows`` has answered, and how many rows were left out.
+
+    A run that stopped part-way through a sample has answered it with some methods only; comparing methods
+    on different samples would mix the samples' difficulty into the methods' differences.
+    """
+    settings_at = _groups(rows, "length")
+    wanted = {length: {(r["method"], r["budget"]) for r in group} for (length,), group in settings_at.items()}
+    complete = {key for key, group in _groups(rows, "task", "length", "sample_id").items()
+                if {(r["method"], r["budget"]) for r in group} >= wanted[key[1]]}
+    kept = [row for row in rows if (row["task"], row["length"], row["sample_id"]) in complete]
+    return kept, len(rows) - len(kept)
 
 
 def accuracy_table(rows: Sequence[Mapping[str, Any]], length: int) -> str:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypedDict, cast, overload
 
 import torch
@@ -209,6 +209,16 @@ class SpecKV:
                 chunk_size=chunk_size or SpecPC.chunk_size, progress=False,
             )
         self._stop_ids = set(stop_token_ids(self.target))
+
+    def settings(self) -> dict[str, Any]:
+        """The knobs that decide the output besides the budget, by name: the eviction method's own (its
+        dataclass fields, e.g. ``window_size``, ``lookahead_tokens``) and the engine's (``chunk_size``, the
+        sparse prefill sizes, ``prompt_budget``), as plain data for a log or a results file."""
+        own = {name: value for name, value in asdict(self.eviction).items() if name != "budget"}
+        return {
+            "method": self.method, **own, "chunk_size": self.chunk_size, "prompt_budget": self.prompt_budget,
+            "prefill_window_size": self.prefill_window_size, "prefill_vertical_size": self.prefill_vertical_size,
+        }
 
     @property
     def method(self) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from draft_rag.decoding import check_text
@@ -45,6 +45,8 @@ SELECTION_SETTINGS = frozenset({"budget", "pool", "kernel_size", "neighbor_token
                                 "elision_marker"})
 """SpecPC settings that act only after the draft pass: two SpecPCs that differ only in these read a text
 alike, so the :class:`ContextScores` of one can be passed to the other's :meth:`SpecPC.select`."""
+
+_NOT_KNOBS = frozenset({"draft", "budget", "target_tokenizer", "device", "dtype", "progress", "cache"})
 
 SNAP_REACH = 16
 """Most characters a kept span is widened by, at each end, to reach the edge of its word."""
@@ -239,6 +241,11 @@ class SpecPC:
             if getattr(self, name) not in allowed:
                 msg = f"SpecPC {name} must be one of {allowed}, got {getattr(self, name)!r}."
                 raise ValueError(msg)
+
+    def settings(self) -> dict[str, Any]:
+        """The knobs that decide which text is kept, by name: every field but the budget, the models, where
+        they run and the cache (e.g. for a log or a results file; a changed default shows up here)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name not in _NOT_KNOBS}
 
     def load(self) -> LoadedModel:
         """Load the draft model (and a named ``target_tokenizer``) now; otherwise the first compression does.

@@ -294,3 +294,14 @@ def test_specpc_variants_that_read_alike_share_the_draft_pass_and_others_do_not(
         handle.remove()
     # specpc reads; specpc-paper (pooling across documents, the same reading) reuses it; snapkv-pc reads anew.
     assert counts[0] > 0 and counts[1] == 0 and counts[2] > 0
+
+
+def test_rows_record_every_method_knob_defaults_included(tiny_pair):
+    draft, target = tiny_pair
+    methods, _ = build_methods(["specpc", "specpc-paper", "snapkv-pc", "speckv", "truncate"], draft=draft,
+                               target=target)
+    assert methods["specpc"].settings["document_boundaries"] is True
+    assert methods["specpc-paper"].settings == {**methods["specpc"].settings, "document_boundaries": False}
+    assert methods["snapkv-pc"].settings["window_size"] == 32 and methods["specpc"].settings["window_size"] == 64
+    assert methods["speckv"].settings["lookahead_tokens"] is None and methods["speckv"].settings["method"] == "speckv"
+    assert methods["truncate"].settings == {} and methods["full"].settings == {}

@@ -200,3 +200,18 @@ def test_tiny_models_have_distinct_outputs(tiny_pair):
     """Guard for the tests above: the tiny target does not answer with end-of-turn right away."""
     result = SpecKV(target=tiny_pair[1], method="full").generate(LONG_PROMPT, max_new_tokens=10)
     assert result.completion_tokens == 10
+
+
+def test_settings_record_the_method_knobs_and_the_engine_ones(tiny_pair):
+    import json
+
+    draft, target = tiny_pair
+    settings = SpecKV(target=target, draft=draft, method="speckv", budget=64).settings()
+    assert settings["method"] == "speckv" and settings["window_size"] == 32 and settings["lookahead_tokens"] is None
+    assert settings["chunk_size"] is None and settings["prompt_budget"] is None and "budget" not in settings
+    assert settings["reduction"] == {"heads": "max", "observers": "max", "weighted_query": False, "ramp_rows": None}
+    assert json.loads(json.dumps(settings)) == settings  # plain data
+    assert SpecKV(target=target, draft=draft, method="speckv", budget=128).settings() == settings
+    other = SpecKV(target=target, draft=draft, method="speckv", lookahead_tokens=16).settings()
+    assert other == {**settings, "lookahead_tokens": 16}
+    assert SpecKV(target=target, method="streamingllm").settings()["sink_tokens"] == 4

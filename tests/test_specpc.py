@@ -314,3 +314,11 @@ def test_select_checks_its_budget_and_score_its_inputs(draft):
         pc.select(context, 1.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="documents"):
         pc.score(QUERY, "one string")  # type: ignore[arg-type]
+
+
+def test_settings_name_every_knob_with_its_value_and_leave_out_models_and_budget(draft):
+    settings = make(draft).settings()
+    assert settings["window_size"] == 8 and settings["document_boundaries"] is True  # a default is recorded too
+    assert {"draft", "budget", "target_tokenizer", "device", "dtype", "progress", "cache"}.isdisjoint(settings)
+    assert make(draft, budget=7).settings() == settings
+    assert make(draft, document_boundaries=False).settings() == {**settings, "document_boundaries": False}

@@ -185,8 +185,14 @@ class KVCompression:
     target: LoadedModel
     draft: LoadedModel
     budgeted: bool = True
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict, init=False)
     _engines: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from draft_rag import SpecKV
+
+        # Every knob, defaults included, so that rows made before a default changed are not reused after it.
+        self.settings = SpecKV(target=self.target, draft=self.draft, method=self.name).settings()
 
     def run(self, sample: Sample, budget: int | None) -> Outcome:
         if budget is None:
@@ -287,10 +293,13 @@ def _make(
         return PromptCompression(name, lambda budget: _truncation(tokenizer, budget), answerer)
     if name == "embedding":
         return PromptCompression(name, _embedding_filters(tokenizer), answerer)
+    from draft_rag import SpecPC
+
     variants = {"specpc": {}, "specpc-paper": SPECPC_PAPER_SETTINGS, "snapkv-pc": SNAPKV_PC_SETTINGS}
-    settings = {**specpc_settings, **variants[name]}
-    return PromptCompression(name, _specpc_budgets(draft, tokenizer, settings, draft_passes), answerer,
-                             settings=settings)
+    specpc = SpecPC(draft=draft, target_tokenizer=tokenizer, progress=False,
+                    **{**specpc_settings, **variants[name]})
+    # Every knob, defaults included, so that rows made before a default changed are not reused after it.
+    return PromptCompression(name, _specpc_budgets(specpc, draft_passes), answerer, settings=specpc.settings())
 
 
 @dataclass
@@ -317,16 +326,12 @@ class SharedDraftPass:
         return result
 
 
-def _specpc_budgets(
-    draft: LoadedModel, tokenizer: Any, settings: dict[str, Any], draft_passes: dict[str, dict[str, Any]]
-) -> Callable[[int], Compressor]:
-    """Make SpecPC compressors for any budget that share one SpecPC, and its latest draft pass with every other
-    SpecPC in ``draft_passes`` whose settings differ only in selection."""
-    from draft_rag import SpecPC
+def _specpc_budgets(specpc: Any, draft_passes: dict[str, dict[str, Any]]) -> Callable[[int], Compressor]:
+    """Make compressors for any budget that share ``specpc``, and its latest draft pass with every other SpecPC
+    in ``draft_passes`` whose settings differ only in selection."""
     from draft_rag.specpc import SELECTION_SETTINGS
 
-    specpc = SpecPC(draft=draft, target_tokenizer=tokenizer, progress=False, **settings)
-    reading = {k: v for k, v in settings.items() if k not in SELECTION_SETTINGS}
+    reading = {k: v for k, v in specpc.settings().items() if k not in SELECTION_SETTINGS}
     latest = draft_passes.setdefault(json.dumps(reading, sort_keys=True), {})
     return lambda budget: SharedDraftPass(specpc, budget, latest)
 

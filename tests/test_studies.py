@@ -80,3 +80,32 @@ def test_lookahead_study_parses_max_and_orders_rows():
     table = summarize_lookahead(rows).splitlines()[2:]
     assert [line.split(" | ")[0] for line in table] == ["| 0 (SnapKV)", "| 8", "| 64", "| up to max_new_tokens"]
     assert table[-1].endswith("| 2.00x |")
+
+
+def test_specpc_tuning_shares_draft_passes_and_resumes(tmp_path, monkeypatch):
+    import json
+
+    from draft_rag.bench import specpc_tuning
+
+    draft = tiny_model("qwen2", seed=4)
+    monkeypatch.setattr(specpc_tuning, "load_model", lambda *args, **kwargs: draft)
+    calls = []
+    handle = draft.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    argv = ["--tasks", "niah_single", "--length", "512", "--samples", "2", "--budgets", "48", "96",
+            "--chunk-tokens", "64", "--out", str(tmp_path), "--variants", "default", "document boundaries",
+            "neighbours 16", "question observers"]
+    try:
+        assert specpc_tuning.main(argv) == 0
+        # Per sample one forward pass (a 512-token prompt, no lookahead) for the three variants that read
+        # alike, and one for question observers.
+        assert len(calls) == 2 * 2
+        calls.clear()
+        assert specpc_tuning.main(argv) == 0
+        assert not calls  # every row is logged: nothing runs again
+    finally:
+        handle.remove()
+    rows = [json.loads(line) for line in (tmp_path / specpc_tuning.RESULTS_FILE).read_text().splitlines()]
+    dtype = str(draft.model.dtype).removeprefix("torch.")
+    assert len(rows) == 2 * 4 * 2 and {r["dtype"] for r in rows} == {dtype}
+    assert all(0.0 <= r["kept"] <= 1.0 and r["seconds"] > 0 for r in rows)
+    assert f"| {dtype} | default | 48 | 2 |" in (tmp_path / specpc_tuning.SUMMARY_FILE).read_text()

@@ -272,6 +272,7 @@ def test_specpc_budgets_of_a_sample_share_one_draft_pass(tiny_pair, name):
 
 def test_specpc_variants_that_read_alike_share_the_draft_pass_and_others_do_not(tiny_pair):
     from draft_rag import SpecPC
+    from draft_rag.bench.methods import SPECPC_PAPER_SETTINGS
     from draft_rag.bench.tiny import TINY_SPECPC_SETTINGS
 
     draft, target = tiny_pair
@@ -288,7 +289,7 @@ def test_specpc_variants_that_read_alike_share_the_draft_pass_and_others_do_not(
             counts.append(len(calls) - before)
             if name == "specpc-paper":
                 alone = SpecPC(draft=draft, budget=96, target_tokenizer=target.tokenizer, progress=False,
-                               document_boundaries=False, **TINY_SPECPC_SETTINGS)
+                               **{**TINY_SPECPC_SETTINGS, **SPECPC_PAPER_SETTINGS})
                 assert outcome.context_tokens == alone.compress(sample.question, sample.documents).total_kept_tokens
     finally:
         handle.remove()
@@ -301,7 +302,8 @@ def test_rows_record_every_method_knob_defaults_included(tiny_pair):
     methods, _ = build_methods(["specpc", "specpc-paper", "snapkv-pc", "speckv", "truncate"], draft=draft,
                                target=target)
     assert methods["specpc"].settings["document_boundaries"] is True
-    assert methods["specpc-paper"].settings == {**methods["specpc"].settings, "document_boundaries": False}
+    paper = {"document_boundaries": False, "kernel_size": 64, "neighbor_tokens": 64}
+    assert methods["specpc-paper"].settings == {**methods["specpc"].settings, **paper}
     assert methods["snapkv-pc"].settings["window_size"] == 32 and methods["specpc"].settings["window_size"] == 64
     assert methods["speckv"].settings["lookahead_tokens"] is None and methods["speckv"].settings["method"] == "speckv"
     assert methods["truncate"].settings == {} and methods["full"].settings == {}

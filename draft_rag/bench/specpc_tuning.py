@@ -25,25 +25,27 @@ from draft_rag.models import DEFAULT_DRAFT, load_model
 RESULTS_FILE = "specpc_tuning.jsonl"
 SUMMARY_FILE = "specpc_tuning.md"
 
-_PAPER = {"document_boundaries": False}
+_PAPER = {"document_boundaries": False, "kernel_size": 64, "neighbor_tokens": 64}
+_BOUNDARIES = {**_PAPER, "document_boundaries": True}
 VARIANTS: dict[str, dict[str, Any]] = {
     # The first round, against the paper's settings (the library's defaults then); document boundaries won.
     "default": _PAPER,
     "lookahead 8": {**_PAPER, "lookahead_tokens": 8},
     "question observers": {**_PAPER, "observe_from": "question"},
-    "document boundaries": {"document_boundaries": True},
+    "document boundaries": _BOUNDARIES,
     "lookahead 8, ramp over window": {**_PAPER, "lookahead_tokens": 8, "ramp_window_only": True},
-    "document boundaries, question observers": {"document_boundaries": True, "observe_from": "question"},
+    "document boundaries, question observers": {**_BOUNDARIES, "observe_from": "question"},
     # The second round, on top of document boundaries: finer selection (a two-step chain needs two facts
     # that a few 64-token neighbourhoods may not both reach).
-    "neighbours 32": {"document_boundaries": True, "neighbor_tokens": 32},
-    "neighbours 16": {"document_boundaries": True, "neighbor_tokens": 16},
-    "neighbours 16, kernel 16": {"document_boundaries": True, "neighbor_tokens": 16, "kernel_size": 16},
-    "neighbours 8, kernel 8": {"document_boundaries": True, "neighbor_tokens": 8, "kernel_size": 8},
-    "single tokens, avg-pool 7": {"document_boundaries": True, "neighbor_tokens": 1, "kernel_size": 7, "pool": "avg"},
+    "neighbours 32": {**_BOUNDARIES, "neighbor_tokens": 32},
+    "neighbours 16": {**_BOUNDARIES, "neighbor_tokens": 16},
+    "neighbours 16, kernel 16": {**_BOUNDARIES, "neighbor_tokens": 16, "kernel_size": 16},
+    "neighbours 8, kernel 8": {**_BOUNDARIES, "neighbor_tokens": 8, "kernel_size": 8},
+    "single tokens, avg-pool 7": {**_BOUNDARIES, "neighbor_tokens": 1, "kernel_size": 7, "pool": "avg"},
 }
-"""Each variant spells out ``document_boundaries``, whose default changed after the first round, so a row keeps
-meaning what it meant when it was made."""
+"""Each variant spells out the knobs whose defaults changed after a round (``document_boundaries`` after the
+first, ``kernel_size`` and ``neighbor_tokens`` after the second), so a row keeps meaning what it meant when it
+was made."""
 
 
 def summarize(rows: list[dict[str, Any]]) -> str:

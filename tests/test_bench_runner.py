@@ -307,3 +307,16 @@ def test_rows_record_every_method_knob_defaults_included(tiny_pair):
     assert methods["snapkv-pc"].settings["window_size"] == 32 and methods["specpc"].settings["window_size"] == 64
     assert methods["speckv"].settings["lookahead_tokens"] is None and methods["speckv"].settings["method"] == "speckv"
     assert methods["truncate"].settings == {} and methods["full"].settings == {}
+
+
+def test_report_only_drops_rows_of_a_method_configuration_that_a_later_run_replaced():
+    old = {"task": "qa", "length": 600, "method": "specpc", "budget": 64, "accuracy": 0.0, "seed": 0,
+           "method_settings": {"kernel_size": 64}}
+    rows = [
+        {**old, "sample_id": 0}, {**old, "sample_id": 1},
+        {**old, "sample_id": 0, "accuracy": 1.0, "method_settings": {"kernel_size": 8}},
+        {**old, "method": "full", "budget": None, "sample_id": 1, "method_settings": {}},
+    ]
+    kept = latest_rows(rows)
+    # specpc's sample 1 was made with the old kernel and not yet redone: it drops out rather than mix in.
+    assert sorted((r["method"], r["sample_id"], r["accuracy"]) for r in kept) == [("full", 1, 0.0), ("specpc", 0, 1.0)]

@@ -78,8 +78,15 @@ def sample_hash(sample: Sample) -> str:
 
 
 def latest_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per :func:`row_key`, the last one written (``--report-only`` reads a file runs appended to)."""
-    latest = {row_key(row): dict(row) for row in rows}
+    """What ``--report-only`` reports of a file that runs appended to: one row per :func:`row_key`, the last one
+    written, among the rows made with the settings (run and method) of each method's last row. So rows of an
+    older configuration drop out even for jobs that the newer one has not reached yet."""
+
+    def made_with(row: Mapping[str, Any]) -> str:
+        return json.dumps([row.get("method_settings"), [row.get(name) for name in SETTINGS]], sort_keys=True)
+
+    current = {row["method"]: made_with(row) for row in rows}
+    latest = {row_key(row): dict(row) for row in rows if made_with(row) == current[row["method"]]}
     return list(latest.values())
 
 

@@ -9,7 +9,7 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
-from draft_rag.adapter_support import adapter_specpc, checked_cache
+from draft_rag.adapter_support import adapter_specpc, check_list, check_query, checked_cache, require_cache
 from draft_rag.models import DEFAULT_DRAFT, Lazy
 
 if TYPE_CHECKING:
@@ -172,39 +172,16 @@ class DraftContextCompressor(BaseDocumentCompressor):
         ]
 
 
-def require_cache(compressor: DraftContextCompressor, caller: str) -> None:
-    """Raise a ValueError, saying how to set one, when ``compressor`` has no draft cache."""
-    if compressor.cache is None:
-        msg = (
-            f"{caller} needs a draft cache, and the compressor has none; create it with "
-            "DraftContextCompressor(..., cache=DraftCache()) (from draft_rag import DraftCache)."
-        )
-        raise ValueError(msg)
-
-
 def check_inputs(documents: object, query: object) -> None:
     """Raise a TypeError or ValueError that names the wrong argument and how to pass it."""
     check_documents(documents)
-    if not isinstance(query, str):
-        msg = f"query must be a string, got {type(query).__name__}; pass the question as text."
-        raise TypeError(msg)
-    if not query.strip():
-        msg = "query is empty; pass the question the documents should answer."
-        raise ValueError(msg)
+    check_query(query, "query", "documents")
 
 
 def check_documents(documents: object) -> None:
     """Raise a TypeError that names the wrong argument when ``documents`` is not a list of ``Document``."""
-    if isinstance(documents, (str, Document)) or not isinstance(documents, Sequence):
-        msg = (
-            f"documents must be a list of langchain_core Document objects, got {type(documents).__name__}; "
-            "wrap a single document as [document]."
-        )
-        raise TypeError(msg)
-    for index, doc in enumerate(documents):
-        if not isinstance(doc, Document):
-            msg = (
-                f"documents[{index}] must be a langchain_core Document, got {type(doc).__name__}; "
-                "wrap text as Document(page_content=text)."
-            )
-            raise TypeError(msg)
+    check_list(
+        documents, "documents", Document, what="langchain_core Document objects", item="a langchain_core Document",
+        single_hint="wrap a single document as [document]", item_hint="wrap text as Document(page_content=text)",
+        not_lists=(Document,),
+    )

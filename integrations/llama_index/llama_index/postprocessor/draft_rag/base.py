@@ -18,11 +18,14 @@ from llama_index.core.schema import (
     TextNode,
 )
 
-from draft_rag.adapter_support import adapter_specpc, checked_cache
+from draft_rag.adapter_support import adapter_specpc, check_list, check_query, checked_cache, require_cache
 from draft_rag.models import DEFAULT_DRAFT, Lazy
 
 if TYPE_CHECKING:
     from draft_rag import CompressedDocument, DraftCache, SpecPC
+
+# What a caller may pass alone where a list is wanted: named as such in the error, not iterated.
+_NOT_LISTS = (dict, BaseNode, NodeWithScore)
 
 
 class DraftNodePostprocessor(BaseNodePostprocessor):
@@ -186,45 +189,22 @@ def node_text(node: BaseNode) -> str | None:
     return None
 
 
-def require_cache(postprocessor: DraftNodePostprocessor, caller: str) -> None:
-    """Raise a ValueError, saying how to set one, when ``postprocessor`` has no draft cache."""
-    if postprocessor.cache is None:
-        msg = (
-            f"{caller} needs a draft cache, and the postprocessor has none; create it with "
-            "DraftNodePostprocessor(..., cache=DraftCache()) (from draft_rag import DraftCache)."
-        )
-        raise ValueError(msg)
-
-
 def check_nodes(nodes: object) -> None:
     """Raise a TypeError that names the wrong argument when ``nodes`` is not a list of nodes."""
-    if isinstance(nodes, (str, dict, BaseNode, NodeWithScore)) or not isinstance(nodes, Sequence):
-        msg = f"nodes must be a list of nodes, got {type(nodes).__name__}; wrap a single node as [node]."
-        raise TypeError(msg)
-    for index, item in enumerate(nodes):
-        if not isinstance(item, (BaseNode, NodeWithScore)):
-            msg = (
-                f"nodes[{index}] must be a node or a NodeWithScore, got {type(item).__name__}; "
-                "wrap text as TextNode(text=text)."
-            )
-            raise TypeError(msg)
+    check_list(
+        nodes, "nodes", (BaseNode, NodeWithScore), what="nodes", item="a node or a NodeWithScore",
+        single_hint="wrap a single node as [node]", item_hint="wrap text as TextNode(text=text)",
+        not_lists=_NOT_LISTS,
+    )
 
 
 def check_inputs(nodes: object, query_bundle: object) -> str:
     """The query text; a TypeError or ValueError naming the wrong argument and how to pass it otherwise."""
-    if isinstance(nodes, (str, dict, BaseNode, NodeWithScore)) or not isinstance(nodes, Sequence):
-        msg = (
-            f"nodes must be a list of NodeWithScore, got {type(nodes).__name__}; "
-            "wrap a single node as [NodeWithScore(node=node)]."
-        )
-        raise TypeError(msg)
-    for index, item in enumerate(nodes):
-        if not isinstance(item, NodeWithScore):
-            msg = (
-                f"nodes[{index}] must be a NodeWithScore, got {type(item).__name__}; "
-                "wrap a node as NodeWithScore(node=node, score=score)."
-            )
-            raise TypeError(msg)
+    check_list(
+        nodes, "nodes", NodeWithScore, what="NodeWithScore", item="a NodeWithScore",
+        single_hint="wrap a single node as [NodeWithScore(node=node)]",
+        item_hint="wrap a node as NodeWithScore(node=node, score=score)", not_lists=_NOT_LISTS,
+    )
     if query_bundle is None:
         msg = "DraftNodePostprocessor needs the query: pass query_bundle or query_str."
         raise ValueError(msg)
@@ -234,11 +214,4 @@ def check_inputs(nodes: object, query_bundle: object) -> str:
             "pass the question as query_str=... or query_bundle=QueryBundle(question)."
         )
         raise TypeError(msg)
-    query = query_bundle.query_str
-    if not isinstance(query, str):
-        msg = f"query_str must be a string, got {type(query).__name__}; pass the question as text."
-        raise TypeError(msg)
-    if not query.strip():
-        msg = "query_str is empty; pass the question the nodes should answer."
-        raise ValueError(msg)
-    return query
+    return check_query(query_bundle.query_str, "query_str", "nodes")

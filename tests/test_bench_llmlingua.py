@@ -10,6 +10,7 @@ import io
 import json
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -50,6 +51,8 @@ FAKE_WORKER = textwrap.dedent(
             words = " ".join(request["documents"]).split()
             text = " ".join(words[: request["budget"] * 2])
             reply = {"ok": True, "text": text, "kept_tokens": len(words), "loaded": loaded}
+            if request["question"] == "asked before":
+                reply["reused_s"] = 5.0
         reply["seconds"] = 0.01
         print(json.dumps(reply), flush=True)
     """
@@ -86,6 +89,38 @@ def test_longllmlingua_counts_target_tokens_and_keeps_the_budget(worker):
     assert 0 < result.total_kept_tokens <= 12
     assert len(tokenizer(kept, add_special_tokens=False)["input_ids"]) <= 13
     assert kept.startswith("The quick")
+
+
+def test_a_reused_ranking_counts_in_each_budgets_time(worker):
+    tokenizer = tiny_tokenizer()
+    fresh = LongLLMLingua(worker, 12, tokenizer).compress("first time", ["a b c"])
+    reused = LongLLMLingua(worker, 24, tokenizer).compress("asked before", ["a b c"])
+    assert fresh.seconds < 5.0 <= reused.seconds
+
+
+def test_last_result_computes_once_per_arguments_and_hands_out_copies():
+    calls = []
+
+    def rank(context, question):
+        calls.append(question)
+        time.sleep(0.01)
+        return [(i, float(len(doc))) for i, doc in enumerate(context)]
+
+    last = llmlingua_worker.LastResult()
+    first = last(rank, ["aa", "b"], "q")
+    first.append("changed by the caller")
+    again = last(rank, ["aa", "b"], "q")
+    assert again == [(0, 2.0), (1, 1.0)] and calls == ["q"]
+    assert last.take_reused() >= 0.01 and last.take_reused() == 0.0
+    assert last(rank, ["aa", "b"], "other") == again and calls == ["q", "other"]
+    assert last.take_reused() == 0.0
+
+    def broken(*_):
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        last(broken, ["c"], "q")
+    assert last(rank, ["c"], "q") == [(0, 1.0)]  # a failed call leaves nothing to reuse
 
 
 def test_worker_errors_carry_the_workers_words(worker):

@@ -485,7 +485,10 @@ class LongLLMLingua:
         )
         ids = list(self.tokenizer(reply["text"], add_special_tokens=False)["input_ids"])
         text = reply["text"] if len(ids) <= self.budget else str(self.tokenizer.decode(ids[: self.budget]))
-        return TextOnlyResult([TextOnly(text)], min(len(ids), self.budget), time.perf_counter() - started)
+        # A ranking reused from this sample's previous budget counts as if this call had made it (as SpecPC's
+        # shared draft pass does), so every budget's time is what one call costs.
+        seconds = time.perf_counter() - started + float(reply.get("reused_s", 0.0))
+        return TextOnlyResult([TextOnly(text)], min(len(ids), self.budget), seconds)
 
 
 def llmlingua_compressors(worker: LLMLinguaWorker, tokenizer: Any) -> Callable[[int], Compressor]:

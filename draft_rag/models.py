@@ -108,19 +108,46 @@ _BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @functools.cache
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags of this CPU, read from ``cpuinfo`` (none where it does not exist or lists none)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[-1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), read from ``cpuinfo``.
 
     Returns False where the file does not exist (not Linux) or lists no such flag.
     """
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return not _BF16_CPU_FLAGS.isdisjoint(line.split(":", 1)[-1].split())
-    except OSError:
-        return False
-    return False
+    return not _BF16_CPU_FLAGS.isdisjoint(cpu_flags(cpuinfo))
+
+
+_CPU_MATMUL_LEVELS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+"""x86 flags that change which matrix kernels PyTorch runs, fastest first."""
+
+
+def hardware_label(device: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The hardware that a measured time depends on, in a few words.
+
+    On CUDA the GPU's name; on a CPU the architecture, the best of :data:`_CPU_MATMUL_LEVELS` it has and
+    torch's thread count, e.g. ``"x86_64 CPU (avx512_bf16), 2 torch threads"``. The benchmark stores it in every
+    row, so rows timed on different machines are never mixed.
+    """
+    import platform
+
+    import torch
+
+    if str(device).startswith("cuda"):
+        return f"CUDA {torch.cuda.get_device_name(torch.device(device))}"
+    flags = cpu_flags(cpuinfo)
+    level = next((flag for flag in _CPU_MATMUL_LEVELS if flag in flags), "generic")
+    return f"{platform.machine()} CPU ({level}), {torch.get_num_threads()} torch threads"
 
 
 def default_attn_implementation(device: str) -> str:

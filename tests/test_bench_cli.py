@@ -12,6 +12,7 @@ from draft_rag.bench.methods import KV_METHODS, METHODS
 from draft_rag.bench.runner import plan
 from draft_rag.bench.tasks import DEFAULT_TASKS
 from draft_rag.cli import main
+from draft_rag.models import hardware_label
 
 MATRIX = (
     "--methods full specpc specpc-paper embedding truncate snapkv-pc llmlingua speckv snapkv streamingllm "
@@ -62,6 +63,8 @@ def test_tiny_bench_writes_resumable_results_summary_and_plot(tmp_path, capsys):
     assert (tmp_path / "accuracy_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "accuracy_vs_time.png").read_bytes()[:4] == b"\x89PNG"
     assert all(len(r["sample_hash"]) == 16 and isinstance(r["method_settings"], dict) for r in rows)
+    assert {r["machine"] for r in rows} == {hardware_label("cpu")}
+    assert f"timed on {hardware_label('cpu')}" in summary
 
     before = (tmp_path / "results.jsonl").read_text()
     assert main(args) == 0

@@ -88,13 +88,13 @@ def test_an_interrupted_run_resumes_with_the_missing_rows(tmp_path):
     assert len({(r["task"], r["sample_id"], r["method"], r["budget"]) for r in rows}) == 16
 
 
-NAMED = replace(CONFIG, draft="draft-a", target="target-a")
+NAMED = replace(CONFIG, draft="draft-a", target="target-a", machine="x86_64 CPU (avx512_bf16), 2 torch threads")
 
 
 @pytest.mark.parametrize(
     "change",
     [{"draft": "draft-b"}, {"target": "target-b"}, {"dtype": "bfloat16"}, {"seed": 1}, {"chunk_tokens": 128},
-     {"max_new_tokens": 8}],
+     {"max_new_tokens": 8}, {"machine": "x86_64 CPU (avx2), 2 torch threads"}],
 )
 def test_rows_of_other_settings_are_not_reused(tmp_path, capsys, change):
     generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
@@ -106,7 +106,8 @@ def test_rows_of_other_settings_are_not_reused(tmp_path, capsys, change):
     assert sum(len(m.calls) for m in methods.values()) == 16
     assert len(rows) == 16 and all(same_settings(row, other) for row in rows)
     assert len(read_rows(tmp_path / RESULTS_FILE)) == 32  # the first run's rows are kept
-    assert "16 rows" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "16 rows" in err and f"differ from this run in {next(iter(change))} (" in err
     again = _methods()
     assert len(run_bench(NAMED, again, generator, tmp_path, progress=False)) == 16
     assert all(not m.calls for m in again.values())

@@ -164,6 +164,29 @@ def test_cpu_bf16_detection_reads_the_flags(tmp_path, flags, expected):
     assert cpu_has_bf16(str(tmp_path / "missing")) is False
 
 
+@pytest.mark.parametrize(
+    ("flags", "level"),
+    [
+        ("fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16", "amx_bf16"),
+        ("fpu sse avx2 avx512f avx512_bf16 avx512_vnni", "avx512_bf16"),
+        ("fpu sse avx2 avx512f avx512_vnni", "avx512f"),
+        ("fpu sse avx2 fma", "avx2"),
+        ("fpu sse", "generic"),
+    ],
+)
+def test_hardware_label_names_the_cpu_kernels_and_threads(tmp_path, flags, level):
+    import platform
+
+    import torch
+
+    from draft_rag.models import hardware_label
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n")
+    label = hardware_label("cpu", str(cpuinfo))
+    assert label == f"{platform.machine()} CPU ({level}), {torch.get_num_threads()} torch threads"
+
+
 def test_default_dtype_follows_the_cpu(monkeypatch):
     import torch
 

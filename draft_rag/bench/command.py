@@ -14,7 +14,6 @@ it the method is skipped with a message saying so.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from draft_rag.bench.methods import KV_METHODS, METHODS
 from draft_rag.bench.tasks import DEFAULT_TASKS, TASKS
-from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, hardware_label
 
 if TYPE_CHECKING:
     from draft_rag.bench.runner import BenchConfig
@@ -85,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     draft, target, specpc_settings = _models(args)
     config.draft, config.target = draft.name, target.name
     config.dtype = str(target.model.dtype).removeprefix("torch.")
+    config.machine = hardware_label(str(target.model.device))
     methods, skipped = build_methods(
         args.methods, draft=draft, target=target, specpc_settings=specpc_settings
     )
@@ -154,7 +154,6 @@ def _models(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel, dict[st
 
 def _notes(rows: list[dict[str, Any]], seconds: float | None) -> list[str]:
     """The settings lines at the top of summary.md, read from the rows themselves."""
-    import torch
 
     def values(key: str, among: list[dict[str, Any]] = rows) -> str:
         return ", ".join(str(v) for v in dict.fromkeys(r.get(key) for r in among) if v is not None)
@@ -163,9 +162,7 @@ def _notes(rows: list[dict[str, Any]], seconds: float | None) -> list[str]:
                for key in {(r["task"], r["length"]) for r in rows}]
     notes = [
         f"draft `{values('draft')}`, target `{values('target')}`, dtype {values('dtype') or 'float32'}; "
-        f"{platform.machine()} {platform.system()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"{'cuda' if torch.cuda.is_available() else 'cpu'}; greedy answers",
+        f"timed on {values('machine') or 'an unrecorded machine'}; greedy answers",
         f"tasks {values('task')}; lengths {values('length')}; prompt-side budgets "
         f"{values('budget', [r for r in rows if r['method'] not in KV_METHODS]) or '–'}; KV-side budgets "
         f"{values('budget', [r for r in rows if r['method'] in KV_METHODS]) or '–'}; "

@@ -2,13 +2,13 @@
 
 Rows already present in ``results.jsonl`` are not recomputed, so an interrupted run resumes where it
 stopped. A row is reused only when everything that changes its result matches the run's: the job itself
-(task, length, sample index, method, budget), the run's :data:`SETTINGS` (the models, their dtype, the seed,
-the document size, the answer cap), the sample (``sample_hash``: a fingerprint of the prompt and the gold
-answers, so a change to a task's generator is not mistaken for the same sample) and the method's own
-settings (``method_settings``). Rows that differ, or do not record all of these, stay in the file but are
-neither reused nor returned. The ``full`` method (the target reading everything) runs once per sample and is
-the reference for every prompt-side and KV-side method and budget; every other method runs once per
-budget. Jobs go sample by sample, so a run cut short still covers every task evenly.
+(task, length, sample index, method, budget), the run's :data:`SETTINGS` (the models, their dtype, the
+hardware that timed it, the seed, the document size, the answer cap), the sample (``sample_hash``: a
+fingerprint of the prompt and the gold answers, so a change to a task's generator is not mistaken for the
+same sample) and the method's own settings (``method_settings``). Rows that differ, or do not record all
+of these, stay in the file but are neither reused nor returned. The ``full`` method (the target reading
+everything) runs once per sample and is the reference for every prompt-side and KV-side method and budget;
+every other method runs once per budget. Jobs go sample by sample, so a run cut short still covers every task evenly.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from draft_rag.bench.methods import KV_METHODS, Method
 from draft_rag.bench.tasks import Sample, TaskGenerator
 
 RESULTS_FILE = "results.jsonl"
-SETTINGS = ("draft", "target", "dtype", "seed", "chunk_tokens", "max_new_tokens")
+SETTINGS = ("draft", "target", "dtype", "machine", "seed", "chunk_tokens", "max_new_tokens")
 """The :class:`BenchConfig` fields written into every row that, with the job itself, decide its result."""
 
 
@@ -47,6 +47,8 @@ class BenchConfig:
         draft, target: names of the draft and target models.
         dtype: the models' dtype (``"float32"``, ``"bfloat16"``...), as :func:`draft_rag.models.load_model`
             chose it.
+        machine: the hardware the run is timed on (:func:`draft_rag.models.hardware_label`): seconds measured on
+            another machine are not comparable, so its rows are not reused.
     """
 
     tasks: Sequence[str]
@@ -60,6 +62,7 @@ class BenchConfig:
     draft: str = ""
     target: str = ""
     dtype: str = ""
+    machine: str = ""
 
     def settings(self) -> dict[str, Any]:
         """The values of :data:`SETTINGS`, as every row of this configuration records them."""
@@ -148,8 +151,11 @@ def run_bench(
     found = read_rows(path)
     rows = [row for row in found if same_settings(row, config)]
     if len(rows) < len(found):
-        print(f"draft-rag bench: {len(found) - len(rows)} rows in {path} were made with other settings "
-              f"than {config.settings()} (or do not record them all); they are kept but not reused.",
+        settings = config.settings()
+        differ = sorted({name for row in found for name, value in settings.items() if row.get(name) != value})
+        print(f"draft-rag bench: {len(found) - len(rows)} rows in {path} differ from this run in "
+              f"{', '.join(differ)} (this run: {settings}); they are kept but not reused. To add to them, run "
+              f"with their settings on the hardware their `machine` names, or write to another --out.",
               file=sys.stderr)
     jobs = plan(config, methods)
     samples: dict[tuple[str, int, int], Sample] = {}

@@ -74,12 +74,15 @@ def test_lookahead_study_parses_max_and_orders_rows():
         with pytest.raises(argparse.ArgumentTypeError, match="lookahead"):
             parse_lookahead(bad)
     rows = [
-        {"task": "qa", "lookahead": la, "score": score, "draft_s": 1.0, "ttft_s": ttft, "total_s": ttft + 1}
+        {"task": "qa", "lookahead": la, "score": score, "draft_s": 1.0, "ttft_s": ttft, "total_s": ttft + 1,
+         "machine": "x86_64 CPU (avx2), 2 torch threads", "dtype": "float32"}
         for la, score, ttft in (("max", 1.0, 3.0), (64, 1.0, 3.0), (8, 0.0, 2.0), (0, 0.0, 1.5))
     ]
-    table = summarize_lookahead(rows).splitlines()[2:]
-    assert [line.split(" | ")[0] for line in table] == ["| 0 (SnapKV)", "| 8", "| 64", "| up to max_new_tokens"]
-    assert table[-1].endswith("| 2.00x |")
+    table, notes = summarize_lookahead(rows).split("\n\n")
+    lines = table.splitlines()[2:]
+    assert [line.split(" | ")[0] for line in lines] == ["| 0 (SnapKV)", "| 8", "| 64", "| up to max_new_tokens"]
+    assert lines[-1].endswith("| 2.00x |")
+    assert notes == "Timed on x86_64 CPU (avx2), 2 torch threads, float32.\n"
 
 
 def test_specpc_tuning_shares_draft_passes_and_resumes(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from typing import Any
 
 from draft_rag.bench.study import StudyLog, add_model_options, load_pair, mean
 from draft_rag.bench.tasks import TASKS, TaskGenerator
+from draft_rag.models import hardware_label
 
 RESULTS_FILE = "lookahead.jsonl"
 SUMMARY_FILE = "lookahead.md"
@@ -50,7 +51,8 @@ def study_row(engine: Any, sample: Any, lookahead: int | str) -> dict[str, Any]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> str:
-    """A markdown table: per lookahead, n, accuracy overall and per task, mean draft / TTFT / total seconds."""
+    """A markdown table: per lookahead, n, accuracy overall and per task, mean draft / TTFT / total seconds; then
+    the machines and dtypes that timed the rows."""
     tasks = sorted({r["task"] for r in rows})
     lines = [
         "| lookahead | n | accuracy | " + " | ".join(tasks) + " | draft s | TTFT s | total s | TTFT vs 0 |",
@@ -70,6 +72,9 @@ def summarize(rows: list[dict[str, Any]]) -> str:
             + f" | {mean(group, 'draft_s'):.1f} | {mean(group, 'ttft_s'):.1f} | {mean(group, 'total_s'):.1f} | "
             f"{ratio} |"
         )
+    timed_on = sorted({f"{r.get('machine', 'an unrecorded machine')}, {r.get('dtype', 'unrecorded dtype')}"
+                       for r in rows})
+    lines += ["", f"Timed on {'; '.join(timed_on)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     target, draft = load_pair(args)
     generator = TaskGenerator(target.tokenizer, seed=args.seed, chunk_tokens=args.chunk_tokens)
+    machine = hardware_label(str(target.model.device))
     log = StudyLog(args.out, RESULTS_FILE, ("task", "length", "sample_id", "lookahead", "kv_budget", "seed"))
     engines = {
         la: SpecKV(target=target, draft=draft, method="snapkv" if la == 0 else "speckv", budget=args.kv_budget,
@@ -104,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                 if log.has(task=task, length=args.length, sample_id=sample.sample_id, lookahead=lookahead,
                            kv_budget=args.kv_budget, seed=args.seed):
                     continue
-                row = study_row(engine, sample, lookahead) | {"kv_budget": args.kv_budget, "seed": args.seed}
+                row = study_row(engine, sample, lookahead) | {
+                    "kv_budget": args.kv_budget, "seed": args.seed, "machine": machine,
+                    "dtype": str(target.model.dtype).removeprefix("torch."),
+                }
                 log.add(row)
                 print(f"{task} #{sample.sample_id} lookahead {lookahead}: score {row['score']:.2f}, draft "
                       f"{row['draft_s']:.1f} s, TTFT {row['ttft_s']:.1f} s", flush=True)

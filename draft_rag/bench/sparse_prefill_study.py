@@ -25,20 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from draft_rag.bench.tasks import TASKS, TaskGenerator
-from draft_rag.models import DEFAULT_TARGET, LoadedModel, cpu_has_bf16, load_model
+from draft_rag.models import DEFAULT_TARGET, LoadedModel, hardware_label, load_model
 
 RESULTS_FILE = "sparse_prefill.jsonl"
 SUMMARY_FILE = "sparse_prefill.md"
-
-
-def machine() -> str:
-    """A short description of this CPU, e.g. ``"2-core AVX2 CPU"``."""
-    flags = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-        flags = next((line for line in handle if line.startswith("flags")), "")
-    extensions = [name for name in ("AVX512F", "AVX2") if f" {name.lower()} " in f"{flags} "]
-    bf16 = " with bf16 matmul" if cpu_has_bf16() else ""
-    return f"{os.cpu_count()}-core {extensions[0] if extensions else ''} CPU{bf16}".replace("  ", " ")
 
 
 @contextlib.contextmanager
@@ -116,8 +106,9 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         "# Sparse prefill: time to first token",
         "",
         f"Target {', '.join(sorted({r['model'] for r in rows}))}, fp32, on a {' / '.join(machines)} "
-        f"({', '.join(sorted({str(r['threads']) for r in rows}))} torch threads), shared with other work "
-        "(load average per row). Each length's dense and sparse rows ran back to back in one process; "
+        f"({', '.join(sorted({str(r['threads']) for r in rows}))} torch threads); the last column is the load "
+        "average when each row started (the study's own threads count about that many). Each length's dense "
+        "and sparse rows ran back to back in one process; "
         "TTFT / dense compares wall times within that run. TTFT is one forward pass over the whole "
         f"{rows[0]['task']} prompt plus the first token; observers are the last prompt positions, no draft "
         "answer. The attention and MLP shares are of the prefill's wall time, measured by forward hooks "
@@ -211,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 warm = True
             row = {
                 "model": args.model, "task": args.task, "length": length, "sample_id": args.sample,
-                "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "run": run, "machine": machine(),
+                "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "run": run,
+                "machine": hardware_label("cpu"),
                 "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
                 **run_mode(target, ids, sample, args.new_tokens, setting, args.observers),
             }

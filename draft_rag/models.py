@@ -73,6 +73,11 @@ class LoadedModel:
         return self.model.device
 
     @property
+    def dtype_name(self) -> str:
+        """The model's dtype as rows and reports write it: ``"bfloat16"``, ``"float32"``..."""
+        return str(self.model.dtype).removeprefix("torch.")
+
+    @property
     def max_context(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
 

@@ -69,7 +69,7 @@ def study_method(
             "peak_kv_bytes": max(r.peak_kv_bytes for r in results),
             "score": sum(s.score(t) for s, t in zip(samples, texts, strict=True)) / len(samples),
             "texts_differing": sum(a != b for a, b in zip(texts, reference, strict=True)),
-            "dtype": str(target.model.dtype).removeprefix("torch."),
+            "dtype": target.dtype_name,
         })
     return rows
 

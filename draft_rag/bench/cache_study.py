@@ -56,7 +56,7 @@ def study_sample(draft: Any, tokenizer: Any, sample: Any, budget: int) -> dict[s
 
     return {
         "task": sample.task, "length": sample.length, "sample_id": sample.sample_id, "budget": budget,
-        "dtype": str(draft.model.dtype).removeprefix("torch."),
+        "dtype": draft.dtype_name,
         "context_tokens": uncached.total_original_tokens, "documents": len(sample.documents),
         "uncached_s": uncached_s, "cold_s": cold_s, "warm_s": warm_s,
         "kept_uncached": kept_answer(uncached), "kept_cached": kept_answer(warm),
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.target_tokenizer) if args.target_tokenizer else draft.tokenizer
     generator = TaskGenerator(tokenizer, chunk_tokens=args.chunk_tokens)
     log = StudyLog(args.out, RESULTS_FILE, ("task", "length", "sample_id", "budget", "dtype"))
-    dtype = str(draft.model.dtype).removeprefix("torch.")
+    dtype = draft.dtype_name
     for length in args.lengths:
         for task in args.tasks:
             for sample in generator.samples(task, length, args.samples):

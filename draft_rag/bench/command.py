@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     draft, target, specpc_settings = _models(args)
     config.draft, config.target = draft.name, target.name
-    config.dtype = str(target.model.dtype).removeprefix("torch.")
-    config.machine = hardware_label(str(target.model.device))
+    config.dtype = target.dtype_name
+    config.machine = hardware_label(str(target.device))
     methods, skipped = build_methods(
         args.methods, draft=draft, target=target, specpc_settings=specpc_settings
     )

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     target, draft = load_pair(args)
     generator = TaskGenerator(target.tokenizer, seed=args.seed, chunk_tokens=args.chunk_tokens)
-    machine = hardware_label(str(target.model.device))
+    timed_on = {"machine": hardware_label(str(target.device)), "dtype": target.dtype_name}
     log = StudyLog(args.out, RESULTS_FILE, ("task", "length", "sample_id", "lookahead", "kv_budget", "seed"))
     engines = {
         la: SpecKV(target=target, draft=draft, method="snapkv" if la == 0 else "speckv", budget=args.kv_budget,
@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                            kv_budget=args.kv_budget, seed=args.seed):
                     continue
                 row = study_row(engine, sample, lookahead) | {
-                    "kv_budget": args.kv_budget, "seed": args.seed, "machine": machine,
-                    "dtype": str(target.model.dtype).removeprefix("torch."),
+                    "kv_budget": args.kv_budget, "seed": args.seed, **timed_on,
                 }
                 log.add(row)
                 print(f"{task} #{sample.sample_id} lookahead {lookahead}: score {row['score']:.2f}, draft "

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             result = engine.generate(sample.prompt(), max_new_tokens=sample.max_new_tokens)
             row = {
                 "config": label, "task": sample.task, "length": sample.length, "sample_id": sample.sample_id,
-                "seed": args.seed, "dtype": str(target.model.dtype).removeprefix("torch."),
+                "seed": args.seed, "dtype": target.dtype_name,
                 "prompt_tokens": result.prompt_tokens, "score": sample.score(result.text), "answer": result.text,
                 "peak_kv_bytes": result.peak_kv_bytes, "kv_bytes_kept": result.kv_bytes_kept,
                 "kv_bytes_full": result.kv_bytes_full, "ttft_s": result.timings["ttft_s"],

@@ -517,7 +517,7 @@ def _llmlingua_worker(draft: LoadedModel) -> LLMLinguaWorker:
         if not (tokenizer / "tokenizer_config.json").is_file():
             msg = f"{tokenizer} is missing; run `bash scripts/llmlingua-env.sh` to make it."
             raise MethodUnavailable(msg)
-        return LLMLinguaWorker(python, model, str(tokenizer), _dtype_name(draft))
+        return LLMLinguaWorker(python, model, str(tokenizer), draft.dtype_name)
     source = str(getattr(draft.model, "name_or_path", "") or "")
     if not source or source.endswith(".gguf"):
         msg = (
@@ -525,11 +525,7 @@ def _llmlingua_worker(draft: LoadedModel) -> LLMLinguaWorker:
             f"directory or a hub id); the draft {draft.name!r} has none."
         )
         raise MethodUnavailable(msg)
-    return LLMLinguaWorker(python, source, source, _dtype_name(draft))
-
-
-def _dtype_name(loaded: LoadedModel) -> str:
-    return str(loaded.model.dtype).removeprefix("torch.")
+    return LLMLinguaWorker(python, source, source, draft.dtype_name)
 
 
 def _ids(loaded: LoadedModel, text: str) -> list[int]:

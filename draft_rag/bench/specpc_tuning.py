@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from draft_rag.specpc import SELECTION_SETTINGS
 
     draft = load_model(args.draft, dtype=args.dtype)
-    dtype = str(draft.model.dtype).removeprefix("torch.")
+    dtype = draft.dtype_name
     tasks = args.tasks or [t for t in TASKS if t not in ("common_words", "variable_tracking")]
     generator = TaskGenerator(draft.tokenizer, seed=args.seed, chunk_tokens=args.chunk_tokens)
     log = StudyLog(args.out, RESULTS_FILE, ("variant", "task", "length", "sample_id", "budget", "seed", "dtype"))

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         report = {
             "answer": result.text,
             "method": args.method,
-            "dtype": str(engine.target.model.dtype).removeprefix("torch."),
+            "dtype": engine.target.dtype_name,
             "kv_budget": kv_budget,
             "prompt_tokens": result.prompt_tokens,
             "kv_entries_kept": result.kv_entries_kept,

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             ],
             "budget": result.budget,
             "total_kept_tokens": result.total_kept_tokens,
-            "dtype": str(pc.load().model.dtype).removeprefix("torch."),
+            "dtype": pc.load().dtype_name,
             "seconds": result.seconds,
         }
         print(json.dumps(payload, ensure_ascii=False))

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     config.dtype = target.dtype_name
     config.machine = hardware_label(str(target.device))
     methods, skipped = build_methods(
-        args.methods, draft=draft, target=target, specpc_settings=specpc_settings
+        args.methods, draft=draft, target=target, specpc_settings=specpc_settings,
+        kv_budgets=config.kv_budgets or config.budgets,
     )
     for name, reason in skipped.items():
         print(f"draft-rag bench: skipping {name}: {reason}", file=sys.stderr)

@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from draft_rag.bench.llmlingua_worker import LONGLLMLINGUA_SETTINGS
 
 if TYPE_CHECKING:
+    from draft_rag.bench.kv_pass import SharedKVPass
     from draft_rag.bench.tasks import Sample
     from draft_rag.models import LoadedModel
 
@@ -179,42 +180,33 @@ class PromptCompression:
 
 @dataclass
 class KVCompression:
-    """The target reads the whole prompt and evicts its KV cache to the budget (``draft_rag.SpecKV``)."""
+    """The target reads the whole prompt and evicts its KV cache to the budget (``draft_rag.SpecKV``).
+
+    All KV-side methods and budgets of a sample share one draft answer and one target prefill
+    (:class:`~draft_rag.bench.kv_pass.SharedKVPass`); each row is charged what its method costs alone.
+    """
 
     name: str
-    target: LoadedModel
-    draft: LoadedModel
+    shared: SharedKVPass
     budgeted: bool = True
     settings: dict[str, Any] = field(default_factory=dict, init=False)
-    _engines: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from draft_rag import SpecKV
+        from draft_rag.bench.kv_pass import SHARED_PREFILL
 
+        if self.name not in self.shared.methods:
+            self.shared.methods.append(self.name)
+        engine = self.shared.engine(self.name, self.shared.budgets[0] if self.shared.budgets else 256)
         # Every knob, defaults included, so that rows made before a default changed are not reused after it.
-        self.settings = SpecKV(target=self.target, draft=self.draft, method=self.name).settings()
+        self.settings = {**engine.settings(), "prefill": SHARED_PREFILL}
 
     def run(self, sample: Sample, budget: int | None) -> Outcome:
         if budget is None:
             msg = f"method {self.name!r} needs a budget."
             raise ValueError(msg)
-        if budget not in self._engines:
-            from draft_rag import SpecKV
-
-            engine = SpecKV(target=self.target, draft=self.draft, method=self.name, budget=budget)
-            self._engines[budget] = engine
-        started = time.perf_counter()
-        result = self._engines[budget].generate(
-            sample.prompt(), max_new_tokens=sample.max_new_tokens, temperature=0.0
-        )
-        total = time.perf_counter() - started
-        # The draft's lookahead answer is SpecKV's compression cost; the rest is the target's work.
-        compress_s = float(result.timings.get("draft_s", 0.0))
-        context = sum(len(_ids(self.target, doc)) for doc in sample.documents)
-        return Outcome(
-            result.text, compress_s, total - compress_s, result.prompt_tokens, result.kv_bytes_kept,
-            context,
-        )
+        text, compress_s, answer_s, prompt_tokens, kv_bytes = self.shared.answer(sample, self.name, budget)
+        context = sum(len(_ids(self.shared.target, doc)) for doc in sample.documents)
+        return Outcome(text, compress_s, answer_s, prompt_tokens, kv_bytes, context)
 
 
 def build_methods(
@@ -223,6 +215,7 @@ def build_methods(
     draft: LoadedModel,
     target: LoadedModel,
     specpc_settings: dict[str, Any] | None = None,
+    kv_budgets: Sequence[int] = (),
 ) -> tuple[dict[str, Method], dict[str, str]]:
     """Make the named methods for a draft/target pair.
 
@@ -231,6 +224,8 @@ def build_methods(
         draft, target: loaded models; they must share a tokenizer for SpecKV.
         specpc_settings: extra :class:`draft_rag.SpecPC` arguments for ``specpc`` and ``snapkv-pc`` (e.g.
             layer settings for tiny models); default none, i.e. the library's defaults.
+        kv_budgets: the budgets the KV-side methods will run at; their shared prefill scores for all of them
+            at once (a budget asked for later joins, at the cost of that sample's pass made again).
 
     Returns:
         The runnable methods by name, and the skipped ones with the reason.
@@ -239,15 +234,18 @@ def build_methods(
     if unknown:
         msg = f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}."
         raise ValueError(msg)
+    from draft_rag.bench.kv_pass import SharedKVPass
+
     answerer = Answerer(target=target, draft=draft)
     methods: dict[str, Method] = {"full": FullContext(answerer)}
     skipped: dict[str, str] = {}
     draft_passes: dict[str, dict[str, Any]] = {}
+    kv_pass = SharedKVPass(target, draft, budgets=list(kv_budgets))
     for name in dict.fromkeys(names):
         if name == "full":
             continue
         try:
-            methods[name] = _make(name, draft, target, answerer, specpc_settings or {}, draft_passes)
+            methods[name] = _make(name, draft, target, answerer, specpc_settings or {}, draft_passes, kv_pass)
         except MethodUnavailable as reason:
             skipped[name] = str(reason)
     return methods, skipped
@@ -278,12 +276,13 @@ def _make(
     answerer: Answerer,
     specpc_settings: dict[str, Any],
     draft_passes: dict[str, dict[str, Any]],
+    kv_pass: SharedKVPass,
 ) -> Method:
     reason = unavailable_reason(name)
     if reason:
         raise MethodUnavailable(reason)
     if name in KV_METHODS:
-        return KVCompression(name, target, draft)
+        return KVCompression(name, kv_pass)
     tokenizer = target.tokenizer
     if name == "llmlingua":
         worker = _llmlingua_worker(draft)

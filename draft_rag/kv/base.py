@@ -220,10 +220,17 @@ def keep_layer_entries(layer: Any, keep: torch.Tensor) -> None:
 
     ``keep`` is ``[k]`` for every head alike or ``[batch, kv_heads, k]``.
     """
+    layer.keys, layer.values = kept_entries(layer, keep)
+
+
+def kept_entries(layer: Any, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """New ``(keys, values)`` tensors of the positions ``keep`` of each KV head in one cache layer.
+
+    ``keep`` is ``[k]`` for every head alike or ``[batch, kv_heads, k]``; the layer is not changed.
+    """
     batch, kv_heads, _, dim = layer.keys.shape
     rows = keep.to(layer.keys.device).expand(batch, kv_heads, -1)
     gather = rows[..., None].expand(-1, -1, -1, dim)
     with torch.inference_mode():
-        layer.keys = layer.keys.gather(2, gather)
-        layer.values = layer.values.gather(2, gather)
+        return layer.keys.gather(2, gather), layer.values.gather(2, gather)
 

@@ -23,7 +23,6 @@ up to floating-point differences between one pass and two (tested on tiny models
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -211,9 +210,6 @@ def _kept_cache(cache: Cache, keep: list[torch.Tensor]) -> Cache:
     """A new cache of the positions ``keep[layer]`` of each layer of ``cache`` (which is not changed)."""
     from transformers import DynamicCache
 
-    return DynamicCache(ddp_cache_data=list(_layers(cache, keep)))
-
-
-def _layers(cache: Cache, keep: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for layer, positions in zip(cache.layers, keep, strict=True):
-        yield kept_entries(layer, positions)
+    return DynamicCache(ddp_cache_data=[
+        kept_entries(layer, positions) for layer, positions in zip(cache.layers, keep, strict=True)
+    ])

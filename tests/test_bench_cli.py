@@ -81,3 +81,32 @@ def test_bad_arguments_exit_cleanly(tmp_path, capsys):
     assert "--samples" in capsys.readouterr().err
     assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 2
     assert "run the benchmark first" in capsys.readouterr().err
+
+
+def test_reverse_runs_the_last_sample_first():
+    args = _parse("--methods full specpc --samples 3 --reverse")
+    methods = {name: SimpleNamespace(budgeted=name != "full") for name in args.methods}
+    forward = plan(config_from_args(_parse("--methods full specpc --samples 3")), methods)
+    backward = plan(config_from_args(args), methods)
+    assert sorted(forward) == sorted(backward)
+    assert [job[2] for job in backward] == sorted((job[2] for job in forward), reverse=True)
+
+
+def test_report_only_merges_the_runs_of_two_machines(tmp_path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out, samples in ((first, 1), (second, 2)):
+        assert main(["bench", "--preset", "tiny", "--tasks", "qa", "--methods", "full", "truncate",
+                     "--budgets", "64", "--samples", str(samples), "--out", str(out)]) == 0
+    # The second directory stands for a run on another machine.
+    lines = (second / "results.jsonl").read_text().splitlines()
+    other = [json.dumps({**json.loads(line), "machine": "another CPU"}) for line in lines]
+    (second / "results.jsonl").write_text("\n".join(other) + "\n")
+    assert main(["bench", "--merge", str(second), "--out", str(first)]) == 2
+    assert "--report-only" in capsys.readouterr().err
+    assert main(["bench", "--report-only", "--out", str(first), "--merge", str(second)]) == 0
+    summary = (first / "summary.md").read_text()
+    # Sample 0 from the first directory (a tie), sample 1 from the second; both in the accuracy table.
+    assert f"1 samples (2 rows) from {first / 'results.jsonl'}" in summary
+    assert f"1 samples (2 rows) from {second / 'results.jsonl'}" in summary
+    assert "n=2 |" in summary.split("| full |")[1].split("\n")[0]
+    assert "latency and memory (float32 on another CPU)" in summary

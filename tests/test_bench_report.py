@@ -111,3 +111,37 @@ def test_complete_samples_keep_only_samples_every_setting_answered():
     assert left_out == 6 and len(kept) == len(rows) - 6
     assert {(r["length"], r["sample_id"]) for r in kept} == {(2048, 0), (2048, 1), (2048, 2), (4096, 0), (4096, 1)}
     assert complete_samples(ROWS) == (ROWS, 0)
+
+
+def _of_run(rows, dtype, machine):
+    return [{**row, "dtype": dtype, "machine": machine} for row in rows]
+
+
+def test_rows_of_two_runs_share_the_accuracy_table_but_not_the_seconds(tmp_path):
+    from draft_rag.bench.report import accuracy_table, complete_samples
+
+    bf16 = _of_run([r for r in ROWS if r["length"] == 4096 and r["sample_id"] < 2], "bfloat16", "machine A")
+    # Run B has samples 2-4, no llmlingua, and everything twice as slow.
+    fp32 = _of_run([{**r, "sample_id": r["sample_id"] + 2, "total_s": 2 * r["total_s"],
+                     "answer_s": 2 * r["total_s"] - 1.0}
+                    for r in ROWS if r["length"] == 4096 and r["method"] != "llmlingua"], "float32", "machine B")
+    rows = bf16 + fp32
+    # Run B's samples are complete without llmlingua: completeness is judged within each run.
+    assert complete_samples(rows) == (rows, 0)
+    table = accuracy_table(rows, 4096)
+    assert "| full | 100.0 [57, 100] n=5 |" in table
+    assert "| llmlingua @ 256 | 0.0 [0, 66] n=2 |" in table
+    text = write_summary(rows, tmp_path).read_text()
+    assert "## 4096 tokens: latency and memory (bfloat16 on machine A)" in text
+    assert "## 4096 tokens: latency and memory (float32 on machine B)" in text
+    sections = text.split("## 4096 tokens: latency and memory")
+    # Each run's mean seconds are its own: full takes 30 s on A and 60 s on B.
+    assert "| full | 1.00x | 1.00x | 1.00 | 29.00 | 30.00 |" in sections[1]
+    assert "| full | 1.00x | 1.00x | 1.00 | 59.00 | 60.00 |" in sections[2]
+    assert "llmlingua" not in sections[2].split("## ")[0]
+    assert plot_accuracy_vs_time(rows, tmp_path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rows_of_one_run_keep_the_plain_latency_heading(tmp_path):
+    text = write_summary(_of_run(ROWS, "bfloat16", "machine A"), tmp_path).read_text()
+    assert text.count("tokens: latency and memory\n") == 2 and "latency and memory (" not in text

@@ -321,3 +321,20 @@ def test_report_only_drops_rows_of_a_method_configuration_that_a_later_run_repla
     kept = latest_rows(rows)
     # specpc's sample 1 was made with the old kernel and not yet redone: it drops out rather than mix in.
     assert sorted((r["method"], r["sample_id"], r["accuracy"]) for r in kept) == [("full", 1, 0.0), ("specpc", 0, 1.0)]
+
+
+def test_merge_runs_takes_each_sample_from_the_run_with_most_of_its_rows():
+    from draft_rag.bench.runner import merge_runs
+
+    def rows(run, sample_id, count):
+        return [{"task": "qa", "length": 4096, "sample_id": sample_id, "method": f"m{i}", "budget": None,
+                 "run": run} for i in range(count)]
+
+    first = rows("a", 0, 3) + rows("a", 1, 2) + rows("a", 2, 3)
+    second = rows("b", 1, 3) + rows("b", 2, 3) + rows("b", 3, 1)
+    taken = merge_runs([first, second])
+    by_sample = {(r["sample_id"], r["run"]) for part in taken for r in part}
+    # Sample 1: b has more rows; sample 2: a tie, the first run wins; samples 0 and 3: the only run.
+    assert by_sample == {(0, "a"), (1, "b"), (2, "a"), (3, "b")}
+    assert [len(part) for part in taken] == [6, 4]
+    assert merge_runs([first]) == [first]

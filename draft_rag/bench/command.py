@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods; 'full' always runs as the reference (default: all)")
     parser.add_argument("--samples", type=int, help="samples per task and length (default 20)")
+    parser.add_argument("--reverse", action="store_true",
+                        help="run the samples from the last one down, e.g. on a second kind of machine that fills "
+                             "the same samples from the other end into its own --out (see --merge)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (bench-out)")
     parser.add_argument("--draft", default=DEFAULT_DRAFT, help=f"draft model (default {DEFAULT_DRAFT})")
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"target model (default {DEFAULT_TARGET})")
@@ -63,20 +66,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="only rebuild summary.md and the plots from --out/results.jsonl (the latest row "
                              "of each task, length, sample, method and budget)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="DIR",
+                        help="with --report-only: also read the results of the same benchmark run on another "
+                             "machine or dtype from these directories; each sample's rows come from the one run "
+                             "that has the most of them, and latency is shown per run")
 
 
 def run(args: argparse.Namespace) -> int:
     from draft_rag.bench.methods import build_methods, unavailable_reason
-    from draft_rag.bench.runner import RESULTS_FILE, latest_rows, read_rows, run_bench
+    from draft_rag.bench.runner import run_bench
     from draft_rag.bench.tasks import TaskGenerator
 
+    if args.merge and not args.report_only:
+        msg = ("--merge combines finished results into one report; use it with --report-only (run each "
+               "machine's rows into its own --out first).")
+        raise ValueError(msg)
     if args.report_only:
-        rows = latest_rows(read_rows(args.out / RESULTS_FILE))
-        if not rows:
-            msg = f"--report-only found no rows in {args.out / RESULTS_FILE}; run the benchmark first."
-            raise FileNotFoundError(msg)
+        rows, sources = _stored_rows([args.out, *args.merge])
         skipped = {name: reason for name in args.methods if (reason := unavailable_reason(name))}
-        _report(rows, args.out, skipped, seconds=None)
+        _report(rows, args.out, skipped, seconds=None, sources=sources)
         return 0
 
     config = config_from_args(args)
@@ -112,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         chunk_tokens=args.chunk_tokens,
         max_new_tokens=preset.get("max_new_tokens"),
+        reverse=args.reverse,
     )
     for name in ("lengths", "budgets", "kv_budgets"):
         if any(value < 1 for value in getattr(config, name) or ()):
@@ -123,12 +132,44 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return config
 
 
-def _report(rows: list[dict[str, Any]], out: Path, skipped: dict[str, str], seconds: float | None) -> None:
-    """Write summary.md and the plots for ``rows`` and say where they are."""
+def _stored_rows(directories: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows to report from results files (:func:`~draft_rag.bench.runner.merge_runs` of several), and a
+    line per file saying how many of its samples the report takes from it."""
+    from draft_rag.bench.report import run_label
+    from draft_rag.bench.runner import RESULTS_FILE, latest_rows, merge_runs, read_rows
+
+    runs = []
+    for directory in directories:
+        rows = latest_rows(read_rows(directory / RESULTS_FILE))
+        if not rows:
+            msg = f"--report-only found no rows in {directory / RESULTS_FILE}; run the benchmark first."
+            raise FileNotFoundError(msg)
+        runs.append(rows)
+    taken = merge_runs(runs)
+    rows = [row for part in taken for row in part]
+    if len(runs) == 1:
+        return rows, []
+    sources = []
+    for directory, part in zip(directories, taken, strict=True):
+        samples = len({(r["task"], r["length"], r["sample_id"]) for r in part})
+        runs_named = ", ".join(dict.fromkeys(run_label(r) for r in part)) or "none"
+        sources.append(f"{samples} samples ({len(part)} rows) from {directory / RESULTS_FILE}: {runs_named}")
+    return rows, sources
+
+
+def _report(
+    rows: list[dict[str, Any]], out: Path, skipped: dict[str, str], seconds: float | None,
+    sources: list[str] | None = None,
+) -> None:
+    """Write summary.md and the plots for ``rows`` and say where they are (``sources``: where merged rows came
+    from, one line per results file)."""
     from draft_rag.bench.report import complete_samples, plot_accuracy, plot_accuracy_vs_time, write_summary
 
     shown, left_out = complete_samples(rows)
     notes = _notes(shown or rows, seconds)
+    if sources:
+        notes.append("rows of several runs, each sample's from one run only (so methods are compared within one "
+                     "machine and dtype; accuracy pools the samples, latency is per run): " + "; ".join(sources))
     if not shown:
         shown = rows
         notes.append("no sample has been answered by every method and budget yet: the tables mix samples")
@@ -138,7 +179,8 @@ def _report(rows: list[dict[str, Any]], out: Path, skipped: dict[str, str], seco
                      "results.jsonl; a resumed run completes those samples)")
     summary = write_summary(shown, out, notes=notes, skipped=skipped)
     plots = [plot_accuracy(shown, out), plot_accuracy_vs_time(shown, out)]
-    print(f"{len(rows)} rows in {out / 'results.jsonl'}\n{summary}\n" + "\n".join(map(str, plots)))
+    where = f"{len(sources)} results files" if sources else out / "results.jsonl"
+    print(f"{len(rows)} rows from {where}\n{summary}\n" + "\n".join(map(str, plots)))
 
 
 def _models(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel, dict[str, Any] | None]:

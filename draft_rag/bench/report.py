@@ -3,7 +3,9 @@
 Every accuracy is shown with its number of samples ``n`` and a 95% Wilson score interval, so a reader can
 tell a difference from noise: at n = 20, 90% means anything from 70% to 97%. Latency is reported as ratios
 to ``full`` over the same samples of the same run: absolute seconds depend on the machine and on whatever
-else it was doing, ratios much less so.
+else it was doing, ratios much less so. Rows of several runs (another machine or dtype, see
+:func:`draft_rag.bench.runner.merge_runs`) share the accuracy tables, but seconds are never put side by side
+across runs: the latency table and the time plot come once per run.
 
 - ``accuracy_vs_budget.png``: accuracy (mean over tasks) against the budget, one line per method with its
   interval as a band; ``full`` is a dashed line with its band.
@@ -65,6 +67,22 @@ def _settings(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, int | None]]
     return sorted(pairs, key=lambda p: (p[0] != "full", _method_order(p[0]), p[0], p[1] or 0))
 
 
+Row = TypeVar("Row", bound=Mapping[str, Any])
+
+
+def run_label(row: Mapping[str, Any]) -> str:
+    """The run a row's seconds belong to: its dtype and the machine that timed it."""
+    return f"{row.get('dtype') or 'float32'} on {row.get('machine') or 'an unrecorded machine'}"
+
+
+def _runs(rows: Sequence[Row]) -> list[tuple[str, list[Row]]]:
+    """``rows`` split by :func:`run_label`, in the order the runs first appear."""
+    grouped: dict[str, list[Row]] = {}
+    for row in rows:
+        grouped.setdefault(run_label(row), []).append(row)
+    return list(grouped.items())
+
+
 def _label(method: str, budget: int | None) -> str:
     return method if budget is None else f"{method} @ {budget}"
 
@@ -77,19 +95,18 @@ def _accuracy(cells: Iterable[Sequence[Mapping[str, Any]]]) -> tuple[float, int]
     return mean(mean(r["accuracy"] for r in c) for c in groups), sum(len(c) for c in groups)
 
 
-Row = TypeVar("Row", bound=Mapping[str, Any])
-
-
 def complete_samples(rows: Sequence[Row]) -> tuple[list[Row], int]:
-    """The rows of samples that every method and budget in ``rows`` has answered, and how many rows were left out.
+    """The rows of samples that every method and budget of their run in ``rows`` has answered, and how many rows
+    were left out.
 
     A run that stopped part-way through a sample has answered it with some methods only; comparing methods
-    on different samples would mix the samples' difficulty into the methods' differences.
+    on different samples would mix the samples' difficulty into the methods' differences. Where rows come from
+    several runs (:func:`run_label`), each sample is held to the methods and budgets of its own run.
     """
-    settings_at = _groups(rows, "length")
-    wanted = {length: {(r["method"], r["budget"]) for r in group} for (length,), group in settings_at.items()}
+    wanted = {(length, run): {(r["method"], r["budget"]) for r in group}
+              for run, of_run in _runs(rows) for (length,), group in _groups(of_run, "length").items()}
     complete = {key for key, group in _groups(rows, "task", "length", "sample_id").items()
-                if {(r["method"], r["budget"]) for r in group} >= wanted[key[1]]}
+                if {(r["method"], r["budget"]) for r in group} >= wanted[key[1], run_label(group[0])]}
     kept = [row for row in rows if (row["task"], row["length"], row["sample_id"]) in complete]
     return kept, len(rows) - len(kept)
 
@@ -196,6 +213,13 @@ def _ratio(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}x" if denominator > 0 else "–"
 
 
+LATENCY_TEXT = (
+    "Ratios divide summed seconds by `full`'s on the same samples of this run. `compress` is the compressor's "
+    "time (the draft's lookahead for SpecKV); `answer` is the target's prefill and decoding. KV MiB is the "
+    "target's prompt KV cache after compression; peak RSS is the process's."
+)
+
+
 def write_summary(
     rows: Sequence[Mapping[str, Any]],
     out: Path,
@@ -210,7 +234,13 @@ def write_summary(
     for name, reason in (skipped or {}).items():
         parts.append(f"- `{name}` skipped: {reason}")
     parts.append("")
+    runs = _runs(rows)
     for length in sorted({r["length"] for r in rows}):
+        latency = []
+        for run, of_run in runs:
+            heading = f"## {length} tokens: latency and memory" + (f" ({run})" if len(runs) > 1 else "")
+            if any(r["length"] == length for r in of_run):
+                latency += [heading, "", LATENCY_TEXT, "", latency_table(of_run, length), ""]
         parts += [
             f"## {length} tokens: accuracy (%)",
             "",
@@ -221,14 +251,7 @@ def write_summary(
             "",
             accuracy_table(rows, length),
             "",
-            f"## {length} tokens: latency and memory",
-            "",
-            "Ratios divide summed seconds by `full`'s on the same samples of this run. `compress` is the "
-            "compressor's time (the draft's lookahead for SpecKV); `answer` is the target's prefill and "
-            "decoding. KV MiB is the target's prompt KV cache after compression; peak RSS is the process's.",
-            "",
-            latency_table(rows, length),
-            "",
+            *latency,
             f"## {length} tokens: the same samples, two methods",
             "",
             "Each row pairs SpecPC (or SpecKV) with another method at the same budget (or with `full`) on the "
@@ -270,13 +293,13 @@ def _points(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int | Non
     return points
 
 
-def _figure(lengths: Sequence[int]) -> tuple[Any, Any]:
+def _figure(panels: int) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.8), squeeze=False)
+    return plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
 
 
 def _save(figure: Any, path: Path) -> Path:
@@ -295,7 +318,7 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
     horizontal line with its band in grey; KV-side methods are dotted.
     """
     lengths = sorted({r["length"] for r in rows})
-    figure, axes = _figure(lengths)
+    figure, axes = _figure(len(lengths))
     for axis, length in zip(axes[0], lengths, strict=True):
         at_length = [r for r in rows if r["length"] == length]
         # Markers shrink from method to method so that methods with equal accuracy stay visible.
@@ -329,13 +352,16 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
 def plot_accuracy_vs_time(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
     """Write ``out/accuracy_vs_time.png``: accuracy against mean end-to-end seconds (compress + answer).
 
-    One panel per length, one point per method and budget (labelled with the budget), error bars for the
+    One panel per length (and per run, where rows come from several: seconds of different machines or dtypes
+    do not share an axis), one point per method and budget (labelled with the budget), error bars for the
     95% Wilson interval; points of one method are joined in budget order. Up and to the left is better.
     """
-    lengths = sorted({r["length"] for r in rows})
-    figure, axes = _figure(lengths)
-    for axis, length in zip(axes[0], lengths, strict=True):
-        at_length = [r for r in rows if r["length"] == length]
+    runs = _runs(rows)
+    panels = [(length, run, [r for r in of_run if r["length"] == length])
+              for length in sorted({r["length"] for r in rows}) for run, of_run in runs
+              if any(r["length"] == length for r in of_run)]
+    figure, axes = _figure(len(panels))
+    for axis, (length, run, at_length) in zip(axes[0], panels, strict=True):
         for method, points in _points(at_length).items():
             color = _color(method)
             seconds, accuracy = [p[4] for p in points], [p[1] for p in points]
@@ -352,7 +378,8 @@ def plot_accuracy_vs_time(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
         axis.set_ylabel("accuracy (%), bars: 95% Wilson interval")
         axis.set_ylim(-2, 102)
         axis.set_xlim(left=0)
-        axis.set_title(f"{length}-token prompts (labels: budget)")
+        axis.set_title(f"{length}-token prompts (labels: budget)" + (f"\n{run}" if len(runs) > 1 else ""),
+                       fontsize=10 if len(runs) > 1 else None)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     return _save(figure, out / TIME_PLOT_FILE)

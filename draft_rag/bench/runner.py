@@ -49,6 +49,8 @@ class BenchConfig:
             chose it.
         machine: the hardware the run is timed on (:func:`draft_rag.models.hardware_label`): seconds measured on
             another machine are not comparable, so its rows are not reused.
+        reverse: run the samples from the last one down (the order only, not a setting rows record), so that a
+            run on a second kind of machine can fill the same samples from the other end without overlap.
     """
 
     tasks: Sequence[str]
@@ -63,6 +65,7 @@ class BenchConfig:
     target: str = ""
     dtype: str = ""
     machine: str = ""
+    reverse: bool = False
 
     def settings(self) -> dict[str, Any]:
         """The values of :data:`SETTINGS`, as every row of this configuration records them."""
@@ -93,6 +96,23 @@ def latest_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
+def merge_runs(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[list[dict[str, Any]]]:
+    """Choose, from several results files of one benchmark run on different machines or dtypes, which rows to
+    report together: the rows taken from each run, in the order of ``runs``.
+
+    Each sample (task, length, sample index) takes all its rows from one run: the one with the most rows for
+    it, the earliest in ``runs`` on a tie. So every comparison of methods on a sample stays within one machine
+    and dtype, while the accuracy tables count the samples of all runs. Pass each file's :func:`latest_rows`.
+    """
+    counts: dict[tuple[Any, ...], list[int]] = {}
+    for position, rows in enumerate(runs):
+        for row in rows:
+            counts.setdefault((row["task"], row["length"], row["sample_id"]), [0] * len(runs))[position] += 1
+    chosen = {key: max(range(len(runs)), key=lambda p: (found[p], -p)) for key, found in counts.items()}
+    return [[dict(row) for row in rows if chosen[(row["task"], row["length"], row["sample_id"])] == position]
+            for position, rows in enumerate(runs)]
+
+
 def same_settings(row: Mapping[str, Any], config: BenchConfig) -> bool:
     """True when ``row`` records every setting of ``config`` with the same value (a missing one differs)."""
     return all(name in row and row[name] == value for name, value in config.settings().items())
@@ -116,7 +136,8 @@ Job = tuple[str, int, int, str, "int | None"]
 
 
 def plan(config: BenchConfig, methods: Mapping[str, Method]) -> list[Job]:
-    """All jobs, sample-major: every task and method for sample 0, then sample 1..."""
+    """All jobs, sample-major: every task and method for sample 0, then sample 1... (the last sample first when
+    ``config.reverse``)."""
     kv_budgets = config.kv_budgets or config.budgets
     budgets: dict[str, Sequence[int | None]] = {
         name: (kv_budgets if name in KV_METHODS else config.budgets) if method.budgeted else [None]
@@ -124,7 +145,7 @@ def plan(config: BenchConfig, methods: Mapping[str, Method]) -> list[Job]:
     }
     return [
         (task, length, index, name, budget)
-        for index in range(config.samples)
+        for index in (reversed(range(config.samples)) if config.reverse else range(config.samples))
         for length in config.lengths
         for task in config.tasks
         for name in methods

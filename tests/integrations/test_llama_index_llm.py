@@ -205,17 +205,11 @@ def test_construction_loads_no_model(tiny_pair, monkeypatch):
 
 
 def test_query_engine_with_postprocessor_and_llm(tiny_pair, tiny_draft):
-    from llama_index.core import Document, VectorStoreIndex
-    from llama_index.core.embeddings import MockEmbedding
-    from llama_index.core.node_parser import SentenceSplitter
     from llama_index.llms.draft_rag import DraftRAGLLM
     from llama_index.postprocessor.draft_rag import DraftNodePostprocessor
 
     draft, target = tiny_pair
-    documents = [Document(text=t, metadata={"source": f"file{i}.txt"}) for i, t in enumerate(TEXTS)]
-    index = VectorStoreIndex.from_documents(
-        documents, embed_model=MockEmbedding(embed_dim=8), transformations=[SentenceSplitter(chunk_size=1024)]
-    )
+    index = _index()
     postprocessor = DraftNodePostprocessor(draft=tiny_draft, budget=30, specpc_kwargs=SPECPC_KWARGS)
     query_engine = index.as_query_engine(
         similarity_top_k=4, node_postprocessors=[postprocessor],
@@ -232,13 +226,21 @@ def test_query_engine_with_postprocessor_and_llm(tiny_pair, tiny_draft):
     assert all("draft_rag" not in n.node.get_content(metadata_mode="llm") for n in response.source_nodes)
 
 
+def _index():
+    """An index of one node per text with fixed ids: ``MockEmbedding`` gives every node the same vector and
+    LlamaIndex breaks ties by node id, so random ids would retrieve different nodes (a different prompt for the
+    LLM) from run to run."""
+    from llama_index.core import VectorStoreIndex
+    from llama_index.core.embeddings import MockEmbedding
+    from llama_index.core.schema import TextNode
+
+    nodes = [TextNode(id_=f"file{i}", text=t, metadata={"source": f"file{i}.txt"}) for i, t in enumerate(TEXTS)]
+    return VectorStoreIndex(nodes, embed_model=MockEmbedding(embed_dim=8))
+
+
 @pytest.fixture
 def index():
-    from llama_index.core import Document, VectorStoreIndex
-    from llama_index.core.embeddings import MockEmbedding
-
-    documents = [Document(text=t, metadata={"source": f"file{i}.txt"}) for i, t in enumerate(TEXTS)]
-    return VectorStoreIndex.from_documents(documents, embed_model=MockEmbedding(embed_dim=8))
+    return _index()
 
 
 def test_standard_query_engines_pass_only_options_it_accepts(index, llm):

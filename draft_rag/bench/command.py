@@ -136,7 +136,7 @@ def _stored_rows(directories: list[Path]) -> tuple[list[dict[str, Any]], list[st
     """The rows to report from results files (:func:`~draft_rag.bench.runner.merge_runs` of several), and a
     line per file saying how many of its samples the report takes from it."""
     from draft_rag.bench.report import run_label
-    from draft_rag.bench.runner import RESULTS_FILE, latest_rows, merge_runs, read_rows
+    from draft_rag.bench.runner import RESULTS_FILE, latest_rows, merge_runs, read_rows, sample_key
 
     runs = []
     for directory in directories:
@@ -151,7 +151,7 @@ def _stored_rows(directories: list[Path]) -> tuple[list[dict[str, Any]], list[st
         return rows, []
     sources = []
     for directory, part in zip(directories, taken, strict=True):
-        samples = len({(r["task"], r["length"], r["sample_id"]) for r in part})
+        samples = len({sample_key(r) for r in part})
         runs_named = ", ".join(dict.fromkeys(run_label(r) for r in part)) or "none"
         sources.append(f"{samples} samples ({len(part)} rows) from {directory / RESULTS_FILE}: {runs_named}")
     return rows, sources

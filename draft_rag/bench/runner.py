@@ -72,9 +72,14 @@ class BenchConfig:
         return {name: getattr(self, name) for name in SETTINGS}
 
 
+def sample_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The sample a row answered: task, length and sample index."""
+    return (row["task"], row["length"], row["sample_id"])
+
+
 def row_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
     """What identifies a row within one configuration: task, length, sample, method and budget."""
-    return (row["task"], row["length"], row["sample_id"], row["method"], row["budget"])
+    return (*sample_key(row), row["method"], row["budget"])
 
 
 def sample_hash(sample: Sample) -> str:
@@ -107,9 +112,9 @@ def merge_runs(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[list[dict[st
     counts: dict[tuple[Any, ...], list[int]] = {}
     for position, rows in enumerate(runs):
         for row in rows:
-            counts.setdefault((row["task"], row["length"], row["sample_id"]), [0] * len(runs))[position] += 1
+            counts.setdefault(sample_key(row), [0] * len(runs))[position] += 1
     chosen = {key: max(range(len(runs)), key=lambda p: (found[p], -p)) for key, found in counts.items()}
-    return [[dict(row) for row in rows if chosen[(row["task"], row["length"], row["sample_id"])] == position]
+    return [[dict(row) for row in rows if chosen[sample_key(row)] == position]
             for position, rows in enumerate(runs)]
 
 
@@ -192,7 +197,7 @@ def run_bench(
         # Rows of samples or methods outside this run are kept when they record what made them.
         if "sample_hash" not in row or "method_settings" not in row:
             return False
-        expected = hashes.get((row["task"], row["length"], row["sample_id"]), row["sample_hash"])
+        expected = hashes.get(sample_key(row), row["sample_hash"])
         method = methods.get(row["method"])
         settings = row["method_settings"] if method is None else _settings_of(method)
         return bool(row["sample_hash"] == expected and row["method_settings"] == settings)

@@ -49,7 +49,7 @@ from draft_rag.decoding import (
 )
 from draft_rag.kv import METHODS, KVEviction, KVPeak, cache_bytes
 from draft_rag.kv.base import layer_bytes
-from draft_rag.kv.speckv import draft_answer
+from draft_rag.kv.speckv import answer_ids, draft_lookahead
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, LoadedModel, load_model, stop_token_ids
 from draft_rag.scoring import ScoreReduction, check_attention_support, check_int
 
@@ -436,19 +436,18 @@ class SpecKV:
 
     def _draft_lookahead(self, request: _Request) -> torch.Tensor | None:
         """The draft's answer in target tokens ``[1, L]``, or None when the draft does not run or says nothing."""
-        draft = self.draft
+        tokenizer = self.target.tokenizer
         if request.drafted is not None:
-            answer = request.drafted
-        elif draft is None or request.draft_ids is None:
-            return None
+            lookahead = answer_ids(tokenizer, request.drafted)
+        elif self.draft is not None and request.draft_ids is not None:
+            lookahead = draft_lookahead(
+                self.draft, request.draft_ids, request.lookahead_steps, tokenizer, chunk_size=self.chunk_size
+            )
         else:
-            with draft.lock:
-                answer = draft_answer(draft, request.draft_ids, request.lookahead_steps, chunk_size=self.chunk_size)
-        if not answer:
             return None
-        lookahead = self.target.tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids
-        # Re-tokenized by another tokenizer, the answer can take more target tokens than the draft generated.
-        check_attention_support(self.target.model, request.prompt_ids.shape[1] + lookahead.shape[1])
+        if lookahead is not None:
+            # Re-tokenized by another tokenizer, the answer can take more target tokens than the draft generated.
+            check_attention_support(self.target.model, request.prompt_ids.shape[1] + lookahead.shape[1])
         return lookahead
 
 

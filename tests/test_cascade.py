@@ -126,12 +126,12 @@ def test_cascade_generates_from_the_shortened_prompt(tiny_pair):
 
 
 def test_cascade_drafts_once_and_reuses_specpcs_answer(tiny_pair, monkeypatch):
-    import draft_rag.generation
+    import draft_rag.kv.speckv
 
     def no_second_draft(*args, **kwargs):
         raise AssertionError("the draft answered again after SpecPC's pass")
 
-    monkeypatch.setattr(draft_rag.generation, "draft_answer", no_second_draft)
+    monkeypatch.setattr(draft_rag.kv.speckv, "draft_answer", no_second_draft)
     draft, target = tiny_pair
     engine = SpecKV(target=target, draft=draft, budget=30, window_size=8, prompt_budget=60, lookahead_tokens=5)
     result = engine.generate(RAG_PROMPT, max_new_tokens=6)

@@ -31,7 +31,7 @@ import torch
 
 from draft_rag.decoding import as_messages, chat_prompt_ids
 from draft_rag.kv.base import KVEviction, KVPeak, Observers, kept_entries
-from draft_rag.kv.speckv import draft_answer
+from draft_rag.kv.speckv import draft_lookahead
 from draft_rag.scoring import ObserverScores, prefill
 
 if TYPE_CHECKING:
@@ -192,12 +192,7 @@ class SharedKVPass:
     def _draft(self, messages: list[dict[str, str]], steps: int) -> torch.Tensor | None:
         """The draft's answer in target tokens ``[1, L]``, as the engine makes it; None when it says nothing."""
         draft_ids = chat_prompt_ids(self.draft.tokenizer, messages)
-        with self.draft.lock:
-            text = draft_answer(self.draft, draft_ids, steps)
-        if not text:
-            return None
-        ids: torch.Tensor = self.target.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-        return ids
+        return draft_lookahead(self.draft, draft_ids, steps, self.target.tokenizer)
 
 
 def _scorer_key(observers: Observers | None, with_lookahead: bool) -> tuple[Observers, bool]:

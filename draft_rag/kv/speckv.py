@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from itertools import takewhile
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from draft_rag.decoding import Sampler, decode_steps
 from draft_rag.kv.base import Observers
@@ -61,3 +61,21 @@ def draft_answer(
     steps = decode_steps(draft.model, cache, logits, ids.shape[1], Sampler(), max_tokens)
     tokens = list(takewhile(lambda token: token not in stop, steps))
     return draft.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def answer_ids(target_tokenizer: Any, answer: str) -> torch.Tensor | None:
+    """A draft's ``answer`` re-tokenized as ``[1, L]`` target tokens; None when the answer is empty."""
+    if not answer:
+        return None
+    ids: torch.Tensor = target_tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids
+    return ids
+
+
+def draft_lookahead(
+    draft: LoadedModel, prompt_ids: torch.Tensor, max_tokens: int, target_tokenizer: Any,
+    *, chunk_size: int | None = None,
+) -> torch.Tensor | None:
+    """:func:`draft_answer` under the draft's lock, in target tokens (see :func:`answer_ids`)."""
+    with draft.lock:
+        answer = draft_answer(draft, prompt_ids, max_tokens, chunk_size=chunk_size)
+    return answer_ids(target_tokenizer, answer)

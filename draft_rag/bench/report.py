@@ -23,7 +23,7 @@ from statistics import mean
 from typing import Any, TypeVar
 
 from draft_rag.bench.methods import KV_METHODS, METHODS
-from draft_rag.bench.runner import sample_key
+from draft_rag.bench.runner import SAMPLE_FIELDS, sample_key
 
 SUMMARY_FILE = "summary.md"
 PLOT_FILE = "accuracy_vs_budget.png"
@@ -106,8 +106,8 @@ def complete_samples(rows: Sequence[Row]) -> tuple[list[Row], int]:
     """
     wanted = {(length, run): {(r["method"], r["budget"]) for r in group}
               for run, of_run in _runs(rows) for (length,), group in _groups(of_run, "length").items()}
-    complete = {key for key, group in _groups(rows, "task", "length", "sample_id").items()
-                if {(r["method"], r["budget"]) for r in group} >= wanted[key[1], run_label(group[0])]}
+    complete = {key for key, group in _groups(rows, *SAMPLE_FIELDS).items()
+                if {(r["method"], r["budget"]) for r in group} >= wanted[group[0]["length"], run_label(group[0])]}
     kept = [row for row in rows if sample_key(row) in complete]
     return kept, len(rows) - len(kept)
 

@@ -72,9 +72,12 @@ class BenchConfig:
         return {name: getattr(self, name) for name in SETTINGS}
 
 
+SAMPLE_FIELDS = ("task", "length", "sample_id")
+
+
 def sample_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The sample a row answered: task, length and sample index."""
-    return (row["task"], row["length"], row["sample_id"])
+    """The sample a row answered: its :data:`SAMPLE_FIELDS` (task, length and sample index)."""
+    return tuple(row[field] for field in SAMPLE_FIELDS)
 
 
 def row_key(row: Mapping[str, Any]) -> tuple[Any, ...]:

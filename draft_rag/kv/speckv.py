@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from itertools import takewhile
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from draft_rag.decoding import Sampler, decode_steps
 from draft_rag.kv.base import Observers
@@ -20,6 +20,7 @@ from draft_rag.scoring import check_int, prefill
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -63,7 +64,7 @@ def draft_answer(
     return draft.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def answer_ids(target_tokenizer: Any, answer: str) -> torch.Tensor | None:
+def answer_ids(target_tokenizer: PreTrainedTokenizerBase, answer: str) -> torch.Tensor | None:
     """A draft's ``answer`` re-tokenized as ``[1, L]`` target tokens; None when the answer is empty."""
     if not answer:
         return None
@@ -72,7 +73,7 @@ def answer_ids(target_tokenizer: Any, answer: str) -> torch.Tensor | None:
 
 
 def draft_lookahead(
-    draft: LoadedModel, prompt_ids: torch.Tensor, max_tokens: int, target_tokenizer: Any,
+    draft: LoadedModel, prompt_ids: torch.Tensor, max_tokens: int, target_tokenizer: PreTrainedTokenizerBase,
     *, chunk_size: int | None = None,
 ) -> torch.Tensor | None:
     """:func:`draft_answer` under the draft's lock, in target tokens (see :func:`answer_ids`)."""

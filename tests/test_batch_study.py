@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from draft_rag.bench.batch_study import RESULTS_FILE, SUMMARY_FILE, main
+from benchmarks.batch_study import RESULTS_FILE, SUMMARY_FILE, main
 
 
 def test_batch_study_writes_rows_and_table(tmp_path, capsys):

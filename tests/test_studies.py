@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from draft_rag.bench.cache_study import kept_overlap, study_sample, summarize
+from benchmarks.cache_study import kept_overlap, study_sample, summarize
 from draft_rag.bench.tasks import TaskGenerator
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -30,7 +30,7 @@ def test_study_row_and_summary():
 def test_dtype_copies_leave_the_fp32_model_alone():
     import torch
 
-    from draft_rag.bench.dtype_study import as_dtype
+    from benchmarks.dtype_study import as_dtype
 
     base = tiny_model("qwen2", seed=0)
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -47,7 +47,7 @@ def test_dtype_copies_leave_the_fp32_model_alone():
 
 
 def test_study_log_resumes_from_its_file(tmp_path):
-    from draft_rag.bench.study import StudyLog, mean
+    from benchmarks.study import StudyLog, mean
 
     log = StudyLog(tmp_path / "out", "rows.jsonl", ("task", "n"))
     assert not log.has(task="a", n=1)
@@ -65,8 +65,8 @@ def test_lookahead_study_parses_max_and_orders_rows():
 
     import pytest
 
-    from draft_rag.bench.lookahead_study import parse_lookahead
-    from draft_rag.bench.lookahead_study import summarize as summarize_lookahead
+    from benchmarks.lookahead_study import parse_lookahead
+    from benchmarks.lookahead_study import summarize as summarize_lookahead
 
     assert parse_lookahead("max") == "max"
     assert parse_lookahead("16") == 16
@@ -88,7 +88,7 @@ def test_lookahead_study_parses_max_and_orders_rows():
 def test_specpc_tuning_shares_draft_passes_and_resumes(tmp_path, monkeypatch):
     import json
 
-    from draft_rag.bench import specpc_tuning
+    from benchmarks import specpc_tuning
 
     draft = tiny_model("qwen2", seed=4)
     monkeypatch.setattr(specpc_tuning, "load_model", lambda *args, **kwargs: draft)

@@ -10,7 +10,7 @@ prefill's time between the self-attention layers (projections and attention) and
 appended to ``sparse_prefill.jsonl`` as they are made, a rerun skips the rows already there, and
 ``sparse_prefill.md`` is rewritten from all rows.
 
-    python -m draft_rag.bench.sparse_prefill_study --lengths 8192 16384 --out docs/bench
+    python -m benchmarks.sparse_prefill_study --lengths 8192 16384 --out docs/bench
 """
 
 from __future__ import annotations

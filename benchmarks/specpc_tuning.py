@@ -9,7 +9,7 @@ so this is a cheap proxy for the target's accuracy: a fact the compressor drops,
 Run it on a seed the reported benchmark does not use (default 1), adopt the winner, then report on seed 0.
 Rows are appended to a JSON-lines file as they are made; a rerun skips the rows already there.
 
-    python -m draft_rag.bench.specpc_tuning --length 4096 --budgets 256 512 --samples 5 --out docs/bench
+    python -m benchmarks.specpc_tuning --length 4096 --budgets 256 512 --samples 5 --out docs/bench
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from draft_rag.bench.study import StudyLog, mean
+from benchmarks.study import StudyLog, mean
 from draft_rag.bench.tasks import TASKS, TaskGenerator
 from draft_rag.models import DEFAULT_DRAFT, load_model
 

@@ -6,7 +6,7 @@ prompt window alone observes), ``N`` is SpecKV whose draft answers with at most 
 the answer's score, the draft's time, time to first token and the whole call's time. Rows are appended to
 a JSON-lines file as they are made; a rerun skips the rows already there.
 
-    python -m draft_rag.bench.lookahead_study --length 2048 --kv-budget 128 --seed 1 --out docs/bench
+    python -m benchmarks.lookahead_study --length 2048 --kv-budget 128 --seed 1 --out docs/bench
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import time
 from typing import Any
 
-from draft_rag.bench.study import StudyLog, add_model_options, load_pair, mean
+from benchmarks.study import StudyLog, add_model_options, load_pair, mean
 from draft_rag.bench.tasks import TASKS, TaskGenerator
 from draft_rag.models import hardware_label
 

@@ -4,7 +4,7 @@ Everything runs in one process, one dtype after another, on the same benchmark s
 between rows are comparable (absolute seconds depend on the machine and its load). Kept-span overlap is
 the character Jaccard overlap of each dtype's kept text with fp32's. Writes ``dtype.md`` to ``--out``.
 
-    python -m draft_rag.bench.dtype_study --length 2048 --out docs/bench
+    python -m benchmarks.dtype_study --length 2048 --out docs/bench
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from draft_rag.bench.cache_study import kept_overlap
+from benchmarks.cache_study import kept_overlap
 from draft_rag.bench.tasks import TaskGenerator
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, LoadedModel, cpu_has_bf16, load_model
 

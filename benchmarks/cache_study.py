@@ -7,7 +7,7 @@ end run through the draft). A row records the three times, whether each compress
 gold answer, and how much of the uncached kept text the cached path kept (character overlap). Rows are
 appended to a JSON-lines file as they are made and a rerun skips the samples already there.
 
-    python -m draft_rag.bench.cache_study --lengths 2048 4096 8192 --samples 2 --out docs/bench
+    python -m benchmarks.cache_study --lengths 2048 4096 8192 --samples 2 --out docs/bench
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from draft_rag.bench.study import StudyLog
+from benchmarks.study import StudyLog
 from draft_rag.bench.tasks import TASKS, TaskGenerator
 from draft_rag.models import DEFAULT_DRAFT, load_model
 

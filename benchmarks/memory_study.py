@@ -7,7 +7,7 @@ the full cache was built), and the SpecKV-PC cascade (``prompt_budget``: SpecPC 
 A row records ``peak_kv_bytes`` (the most KV bytes the cache held during the call), the kept cache, TTFT,
 and whether the answer holds the needle. Rows are appended to a JSON-lines file; a rerun skips rows there.
 
-    python -m draft_rag.bench.memory_study --length 4096 --kv-budget 256 --prompt-budget 1024 --out docs/bench
+    python -m benchmarks.memory_study --length 4096 --kv-budget 256 --prompt-budget 1024 --out docs/bench
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import time
 from typing import Any
 
-from draft_rag.bench.study import StudyLog, add_model_options, load_pair, mean
+from benchmarks.study import StudyLog, add_model_options, load_pair, mean
 from draft_rag.bench.tasks import TASKS, TaskGenerator
 
 RESULTS_FILE = "speckv_memory.jsonl"

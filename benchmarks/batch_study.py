@@ -7,7 +7,7 @@ the largest ``peak_kv_bytes`` of a call, the mean score, and whether every batch
 the prompt's own call (batched matrix products round differently, so a near tie can flip a greedy token;
 the row says how many texts differ). Rows go to ``batch.jsonl``, the table to ``batch.md``.
 
-    python -m draft_rag.bench.batch_study --length 1024 --batch-sizes 1 4 --out docs/bench
+    python -m benchmarks.batch_study --length 1024 --batch-sizes 1 4 --out docs/bench
 """
 
 from __future__ import annotations

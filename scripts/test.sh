@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "models,test"
 .venv/bin/ruff check .
-.venv/bin/mypy draft_rag integrations/langchain/langchain_draft_rag
+.venv/bin/mypy draft_rag benchmarks integrations/langchain/langchain_draft_rag
 .venv/bin/mypy --namespace-packages --explicit-package-bases \
     integrations/llama_index/llama_index/postprocessor/draft_rag integrations/llama_index/llama_index/llms/draft_rag
 .venv/bin/python -m pytest -q --durations=15 "$@"

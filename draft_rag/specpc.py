@@ -22,9 +22,10 @@ How tokens are picked, top to bottom in this file:
 
 from __future__ import annotations
 
+import itertools
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -353,12 +354,13 @@ class SpecPC:
         """Encode ``documents`` into :attr:`cache` now, so that the first query over them is fast too.
 
         Each document is encoded as :meth:`compress` would on first use: on its own, after the chat
-        template's opening. Cached documents are skipped, whitespace-only ones ignored, and memory stays
-        within the cache's ``max_bytes`` however many documents are passed.
+        template's opening. Documents are tokenized and encoded one at a time, so memory stays within the
+        cache's ``max_bytes`` (plus one document's tokens) however many are passed. Cached documents are
+        skipped, whitespace-only ones ignored.
 
         Raises:
             ValueError: no ``cache`` is set, a text holds lone surrogates, or a document is longer than the
-                draft model's context.
+                draft model's context (the message names it; the documents before it are cached by then).
             TypeError: ``documents`` is a string or holds a non-string.
         """
         if self.cache is None:
@@ -368,8 +370,29 @@ class SpecPC:
         if not any(doc.strip() for doc in documents):
             return
         draft = self.load()
-        prefix_ids, chunks = _DraftPrompt(draft.tokenizer, "", documents).cache_chunks()
-        self.cache.add(draft, prefix_ids, chunks, chunk_size=self.chunk_size, progress=self.progress)
+        chunks = self._cache_chunks(draft, documents)
+        prefix_ids, first = next(chunks)
+        self.cache.add(draft, prefix_ids, itertools.chain([first], (chunk for _, chunk in chunks)),
+                       chunk_size=self.chunk_size, progress=self.progress)
+
+    @staticmethod
+    def _cache_chunks(draft: LoadedModel, documents: Sequence[str]) -> Iterator[tuple[list[int], Chunk]]:
+        """The shared prefix's token ids and the cache chunk of each non-blank document, tokenized one by one
+        as they are asked for, each checked to fit the draft's context after the prefix."""
+        for index, doc in enumerate(documents):
+            if not doc.strip():
+                continue
+            prefix_ids, (chunk,) = _DraftPrompt(draft.tokenizer, "", [doc]).cache_chunks()
+            needed = len(prefix_ids) + len(chunk.input_ids)
+            if needed > draft.max_context:
+                preview = doc.strip()[:40] + ("..." if len(doc.strip()) > 40 else "")
+                msg = (
+                    f"documents[{index}] ({preview!r}) needs {needed} draft tokens after the chat template's "
+                    f"opening, more than the draft model's maximum context of {draft.max_context}; split it "
+                    "into smaller chunks."
+                )
+                raise ValueError(msg)
+            yield prefix_ids, chunk
 
     def _score_context(self, draft: LoadedModel, prompt: _DraftPrompt) -> tuple[torch.Tensor, list[int]]:
         """Draft attention score of every prompt position ``[n]`` (not pooled), and the lookahead tokens generated."""

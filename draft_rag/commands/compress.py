@@ -28,17 +28,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_documents(files: list[str]) -> list[str]:
-    """Read each FILE as one document; '-' is standard input."""
+    """Read each FILE as one document of UTF-8 text; '-' is standard input.
+
+    Raises:
+        FileNotFoundError: a FILE does not exist.
+        ValueError: a FILE is not UTF-8 text (the message names it).
+    """
     documents = []
     for name in files:
-        if name == "-":
-            documents.append(sys.stdin.read())
-            continue
-        path = Path(name)
-        if not path.is_file():
-            msg = f"no such file: {name}"
-            raise FileNotFoundError(msg)
-        documents.append(path.read_text(encoding="utf-8"))
+        try:
+            if name == "-":
+                documents.append(sys.stdin.read())
+                continue
+            path = Path(name)
+            if not path.is_file():
+                msg = f"no such file: {name}"
+                raise FileNotFoundError(msg)
+            documents.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            source = "standard input" if name == "-" else name
+            msg = (
+                f"{source} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                "convert it first, e.g. iconv -f latin1 -t utf-8."
+            )
+            raise ValueError(msg) from None
     return documents
 
 

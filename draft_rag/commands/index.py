@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache-dir", required=True,
-        help="draft cache directory (created if missing); pass the same to `draft-rag compress --cache-dir`",
+        help="draft cache directory (created if missing, mode 0700: it holds the documents' K/V); pass the same to "
+             "`draft-rag compress --cache-dir`",
     )
     parser.add_argument("--draft", default=DEFAULT_DRAFT, help=f"draft model name, id or path ({DEFAULT_DRAFT})")
 

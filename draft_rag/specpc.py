@@ -191,7 +191,8 @@ class SpecPC:
             lookahead row weighs 1 (False: the ramp spans all observers).
         target_tokenizer: tokenizer (or name/path) of the model that will read the result, for counting.
         chunk_size: prefill chunk length, bounding activation memory on long inputs (2048).
-        elision_marker: placed between kept spans, and at either end where text was cut (``" … "``).
+        elision_marker: placed between kept spans, and at either end where text was cut (``" … "``; ``""``
+            joins the spans directly).
         device, dtype: where and how to run the draft (default CUDA + bf16 when available, else the CPU, in
             bf16 where it has native bf16, else fp32).
         progress: show a progress bar over the prefill (None: only on a terminal).
@@ -245,6 +246,14 @@ class SpecPC:
             if getattr(self, name) not in allowed:
                 msg = f"SpecPC {name} must be one of {allowed}, got {getattr(self, name)!r}."
                 raise ValueError(msg)
+        if not isinstance(self.elision_marker, str):
+            msg = (
+                f"SpecPC elision_marker must be a string, got {type(self.elision_marker).__name__} "
+                f"{self.elision_marker!r}; pass the text to put where text was cut (default {ELISION_MARKER!r}), "
+                "or '' to join kept spans with nothing between them."
+            )
+            raise TypeError(msg)
+        check_text("SpecPC elision_marker", self.elision_marker)
 
     def settings(self) -> dict[str, Any]:
         """The knobs that decide which text is kept, by name: every field but the budget, the models, where

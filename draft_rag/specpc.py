@@ -22,8 +22,10 @@ How tokens are picked, top to bottom in this file:
 
 from __future__ import annotations
 
+import threading
 import time
 import unicodedata
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,17 @@ _NOT_KNOBS = frozenset({"draft", "budget", "target_tokenizer", "device", "dtype"
 
 SNAP_REACH = 16
 """Most characters a kept span is widened by, at each end, to reach the edge of its word."""
+
+TEMPLATE_DATE = "26 Jul 2024"
+"""The date a chat template that asks for ``date_string`` (Llama 3.x's "Today Date") shows the draft."""
+
+# Each tokenizer's template parts, with the template they were rendered from. The parts are rendered once
+# per tokenizer and process because a template may render the clock (Llama 3.x calls strftime_now when no
+# date_string is given), and the prefix both lays out the draft prompt and keys the draft cache: rendered
+# on every call, each day (or second) would bring new cache keys and other output. The store is per
+# tokenizer, not per SpecPC, because the cascade makes a fresh SpecPC for every prompt (``replace``).
+_TEMPLATE_PARTS: weakref.WeakKeyDictionary[Any, tuple[Any, str, str]] = weakref.WeakKeyDictionary()
+_TEMPLATE_LOCK = threading.Lock()
 
 # Scripts written without spaces between words (by Unicode character-name prefix): there a whitespace
 # "word" can be a whole paragraph, so spans keep their token boundaries.
@@ -678,15 +691,28 @@ class _DraftPrompt:
 
 
 def _template_parts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """The chat template's text before and after a single user message (plain text without a template)."""
-    if not getattr(tokenizer, "chat_template", None):
+    """The chat template's text before and after a single user message (plain text without a template).
+
+    Rendered once per tokenizer and template in a process (see ``_TEMPLATE_PARTS``), with ``date_string``
+    pinned to :data:`TEMPLATE_DATE`: transformers hands a template no function of ours, so ``strftime_now``
+    itself cannot be pinned, but Llama 3.x templates read ``date_string`` first, and with it their prefix,
+    and so their draft cache entries on disk, stay the same in every process on every day.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         return "", "\nAnswer:"
-    marker = "\u2063DRAFT_RAG_CONTENT\u2063"
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
-    )
-    prefix, suffix = str(rendered).split(marker)
-    return prefix, suffix
+    with _TEMPLATE_LOCK:
+        known = _TEMPLATE_PARTS.get(tokenizer)
+        if known is not None and known[0] == template:
+            return known[1], known[2]
+        marker = "\u2063DRAFT_RAG_CONTENT\u2063"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True,
+            date_string=TEMPLATE_DATE,
+        )
+        prefix, suffix = str(rendered).split(marker)
+        _TEMPLATE_PARTS[tokenizer] = (template, prefix, suffix)
+        return prefix, suffix
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

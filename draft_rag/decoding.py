@@ -247,44 +247,60 @@ class TextStream:
     Text that could still become the start of a stop string, and an unfinished multi-byte character, are
     held back until the next tokens settle them, so no emitted piece is ever taken back. Empty stop strings
     are ignored.
+
+    Decoding is incremental, so a long answer costs linear time: each token decodes only the tokens since
+    the text last ended in a whole character, together with the tokens of the text before that (their
+    decoded text is subtracted), as a tokenizer may write a token differently at the start of a decode (a
+    SentencePiece word loses its leading space there).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
         self.stopped = False
+        self._prefix = 0  # ids[_prefix:_settled] are the context of the next decode; they read _prefix_text
+        self._settled = 0  # ids before this index are text that ends in a whole character
+        self._prefix_text = ""
+        self._unsent = ""  # settled text not emitted yet: it may still turn into a stop string
+        self._unsettled = ""  # the text of ids[_settled:], ending in an unfinished character
 
     def push(self, token: int) -> str:
         """Add a token; return the text now safe to emit (maybe empty). Sets ``stopped`` at a stop string."""
         self.ids.append(token)
-        self.text = self.tokenizer.decode(
-            self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stop) if i >= 0]
+        new = self._decode(self.ids[self._prefix :])[len(self._prefix_text) :]
+        text = self._unsent + new
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True
-            self.text = self.text[: min(hits)]
+            self._unsent, self._unsettled = text[: min(hits)], ""
             return self.flush()
-        if self.text.endswith("\ufffd"):
+        if new.endswith("\ufffd"):
+            self._unsettled = new
             return ""
-        safe = max(self.emitted, len(self.text) - self._held_back())
-        piece, self.emitted = self.text[self.emitted : safe], safe
+        if new:
+            self._prefix, self._settled = self._settled, len(self.ids)
+            self._prefix_text = self._decode(self.ids[self._prefix : self._settled])
+        self._unsettled = ""
+        safe = len(text) - self._held_back(text)
+        piece, self._unsent = text[:safe], text[safe:]
         return piece
 
     def flush(self) -> str:
         """Return everything not emitted yet (at the end of generation)."""
-        piece, self.emitted = self.text[self.emitted :], len(self.text)
+        piece = self._unsent + self._unsettled
+        self._unsent = self._unsettled = ""
         return piece
 
-    def _held_back(self) -> int:
-        """Length of the longest end of the text that is a proper start of a stop string."""
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest end of ``text`` that is a proper start of a stop string."""
         longest = 0
         for stop in self.stop:
-            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:size]):
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
                     longest = size
                     break
         return longest

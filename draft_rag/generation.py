@@ -127,9 +127,10 @@ class SpecKV:
         lookahead_tokens: draft answer length; ``None`` (default) means up to ``max_new_tokens``.
         prompt_budget: the SpecKV-PC cascade: SpecPC first shortens the prompt's context to this many target
             tokens, then the eviction method runs on the shortened prompt (default ``None``: no cascade).
-            The context is the last user message up to its last blank line; the paragraph after it (the
-            question) is kept verbatim (see :mod:`draft_rag.cascade`). The draft reads the long prompt
-            once: that pass scores the context for SpecPC and, for ``speckv``, also writes the draft answer.
+            The context is the last user message up to its question (its last paragraph, or the last one
+            that ends with a question mark and the short instructions after it), which is kept verbatim
+            (see :func:`draft_rag.cascade.split_context`). The draft reads the long prompt once: that pass
+            scores the context for SpecPC and, for ``speckv``, also writes the draft answer.
         sink_tokens: first positions StreamingLLM always keeps (default 4).
         chunk_size: ``None`` (default) prefills the prompt (and the draft answer) in one forward pass and
             evicts each layer's cache right after that layer's attention, so the full prompt cache never

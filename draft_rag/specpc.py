@@ -23,8 +23,10 @@ How tokens are picked, top to bottom in this file:
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 import unicodedata
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -51,6 +53,17 @@ _NOT_KNOBS = frozenset({"draft", "budget", "target_tokenizer", "device", "dtype"
 
 SNAP_REACH = 16
 """Most characters a kept span is widened by, at each end, to reach the edge of its word."""
+
+TEMPLATE_DATE = "26 Jul 2024"
+"""The date a chat template that asks for ``date_string`` (Llama 3.x's "Today Date") shows the draft."""
+
+# Each tokenizer's template parts, with the template they were rendered from. The parts are rendered once
+# per tokenizer and process because a template may render the clock (Llama 3.x calls strftime_now when no
+# date_string is given), and the prefix both lays out the draft prompt and keys the draft cache: rendered
+# on every call, each day (or second) would bring new cache keys and other output. The store is per
+# tokenizer, not per SpecPC, because the cascade makes a fresh SpecPC for every prompt (``replace``).
+_TEMPLATE_PARTS: weakref.WeakKeyDictionary[Any, tuple[Any, str, str]] = weakref.WeakKeyDictionary()
+_TEMPLATE_LOCK = threading.Lock()
 
 # Scripts written without spaces between words (by Unicode character-name prefix): there a whitespace
 # "word" can be a whole paragraph, so spans keep their token boundaries.
@@ -192,7 +205,8 @@ class SpecPC:
             lookahead row weighs 1 (False: the ramp spans all observers).
         target_tokenizer: tokenizer (or name/path) of the model that will read the result, for counting.
         chunk_size: prefill chunk length, bounding activation memory on long inputs (2048).
-        elision_marker: placed between kept spans, and at either end where text was cut (``" … "``).
+        elision_marker: placed between kept spans, and at either end where text was cut (``" … "``; ``""``
+            joins the spans directly).
         device, dtype: where and how to run the draft (default CUDA + bf16 when available, else the CPU, in
             bf16 where it has native bf16, else fp32).
         progress: show a progress bar over the prefill (None: only on a terminal).
@@ -246,6 +260,14 @@ class SpecPC:
             if getattr(self, name) not in allowed:
                 msg = f"SpecPC {name} must be one of {allowed}, got {getattr(self, name)!r}."
                 raise ValueError(msg)
+        if not isinstance(self.elision_marker, str):
+            msg = (
+                f"SpecPC elision_marker must be a string, got {type(self.elision_marker).__name__} "
+                f"{self.elision_marker!r}; pass the text to put where text was cut (default {ELISION_MARKER!r}), "
+                "or '' to join kept spans with nothing between them."
+            )
+            raise TypeError(msg)
+        check_text("SpecPC elision_marker", self.elision_marker)
 
     def settings(self) -> dict[str, Any]:
         """The knobs that decide which text is kept, by name: every field but the budget, the models, where
@@ -692,15 +714,28 @@ class _DraftPrompt:
 
 
 def _template_parts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """The chat template's text before and after a single user message (plain text without a template)."""
-    if not getattr(tokenizer, "chat_template", None):
+    """The chat template's text before and after a single user message (plain text without a template).
+
+    Rendered once per tokenizer and template in a process (see ``_TEMPLATE_PARTS``), with ``date_string``
+    pinned to :data:`TEMPLATE_DATE`: transformers hands a template no function of ours, so ``strftime_now``
+    itself cannot be pinned, but Llama 3.x templates read ``date_string`` first, and with it their prefix,
+    and so their draft cache entries on disk, stay the same in every process on every day.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         return "", "\nAnswer:"
-    marker = "\u2063DRAFT_RAG_CONTENT\u2063"
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
-    )
-    prefix, suffix = str(rendered).split(marker)
-    return prefix, suffix
+    with _TEMPLATE_LOCK:
+        known = _TEMPLATE_PARTS.get(tokenizer)
+        if known is not None and known[0] == template:
+            return known[1], known[2]
+        marker = "\u2063DRAFT_RAG_CONTENT\u2063"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True,
+            date_string=TEMPLATE_DATE,
+        )
+        prefix, suffix = str(rendered).split(marker)
+        _TEMPLATE_PARTS[tokenizer] = (template, prefix, suffix)
+        return prefix, suffix
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

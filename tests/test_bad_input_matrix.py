@@ -50,6 +50,10 @@ SPECPC_ERRORS: list[tuple[str, Callable[[Any], Any], type[Exception], str]] = [
     ("budget 1.5", lambda d: specpc(d, budget=1.5), TypeError, "budget"),
     ("budget True", lambda d: specpc(d, budget=True), TypeError, "budget"),
     ("window_size '64'", lambda d: specpc(d, window_size="64"), TypeError, "window_size"),
+    ("elision_marker None", lambda d: specpc(d, elision_marker=None), TypeError, "elision_marker"),
+    ("elision_marker bytes", lambda d: specpc(d, elision_marker=b"..."), TypeError, "elision_marker"),
+    ("elision_marker with a lone surrogate", lambda d: specpc(d, elision_marker=" \ud800 "), ValueError,
+     "elision_marker"),
     ("documents past the draft's context", lambda d: specpc(d).compress("q?", [TOO_LONG]), ValueError, "context"),
     ("query past the draft's context", lambda d: specpc(d).compress(TOO_LONG, [DOC]), ValueError, "query"),
 ]
@@ -69,6 +73,8 @@ def test_specpc_passes_through(draft):
     assert blank.documents[0].text == "" and blank.documents[0].blank and not blank.documents[0].dropped
     assert blank.documents[1].spans and blank.total_kept_tokens <= 24
     assert specpc(draft, budget=1).compress("What is the magic number?", [DOC]).total_kept_tokens <= 1
+    joined = specpc(draft, elision_marker="").compress("What is the magic number?", [DOC]).documents[0]
+    assert len(joined.spans) > 1 and joined.text == "".join(DOC[s:e] for s, e in joined.spans)
 
 
 SPECKV_ERRORS: list[tuple[str, dict[str, Any], type[Exception], str]] = [

@@ -17,6 +17,7 @@ from tests.test_specpc import DOCS, QUERY, count
 from tests.tiny import tiny_model
 
 CONTEXT = "\n".join(DOCS)
+LONG = " ".join(["a paragraph of context"] * 10)  # longer than an instruction
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +39,35 @@ def messages(content: str) -> list[dict[str, str]]:
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ("ctx\n\nquestion?", ("ctx", "question?")),
-        ("a\n\nb\n\n  q?  \n", ("a\n\nb", "q?")),
+        ("ctx\n\nquestion?", ("ctx", "\n\n", "question?")),
+        ("a\n\nb\n\nq", ("a\n\nb", "\n\n", "q")),  # no question mark: the last paragraph
+        # instructions after the question stay with it
+        ("ctx\n\nWhat is X?\n\nAnswer in one word.", ("ctx", "\n\n", "What is X?\n\nAnswer in one word.")),
+        ("ctx\n\nWhich one?\n\nA. red\nB. blue\n\nAnswer with the letter.",
+         ("ctx", "\n\n", "Which one?\n\nA. red\nB. blue\n\nAnswer with the letter.")),
+        ("Is it?\n\nctx\n\n**Question:** Who is it?**\n\nBe brief.",
+         ("Is it?\n\nctx", "\n\n", "**Question:** Who is it?**\n\nBe brief.")),
+        ("背景\n\n这是什么？\n\n请简短回答。", ("背景", "\n\n", "这是什么？\n\n请简短回答。")),
+        # questions in the context do not count: only short instructions may follow the question
+        (f"Why?\n\n{LONG}\n\nSummarize.", (f"Why?\n\n{LONG}", "\n\n", "Summarize.")),
+        (f"ctx\n\nWhy?\n\n{LONG}", ("ctx\n\nWhy?", "\n\n", LONG)),
+        # any blank line is a break: CRLF, whitespace-only lines, several of them
+        ("ctx line\r\nmore\r\n\r\nq?", ("ctx line\r\nmore", "\r\n\r\n", "q?")),
+        ("ctx  \n \t\n\n  q?", ("ctx", "  \n \t\n\n", "  q?")),
+        # the question is kept verbatim: surrounding whitespace and trailing blank lines included
+        ("a\n\nb\n\n  q?  \n", ("a\n\nb", "\n\n", "  q?  \n")),
+        ("context\n\nquestion?\n\n\n", ("context", "\n\n", "question?\n\n\n")),
+        # no context before the question: nothing to split
         ("no blank line here\nonly a newline", None),
         ("\n\nquestion only", None),
+        ("What is X?\n\nAnswer in one word.", None),
+        ("   \n\n\t\n\n", None),
     ],
 )
-def test_split_context_at_the_last_blank_line(content, expected):
-    assert split_context(content) == expected
-
-
-def test_trailing_blank_lines_do_not_make_an_empty_question():
-    assert split_context("context\n\nquestion?\n\n\n") == ("context", "question?")
+def test_split_context(content, expected):
+    split = split_context(content)
+    assert split == expected
+    assert split is None or "".join(split) == content
 
 
 def test_context_is_shortened_question_kept_and_other_messages_untouched(draft):
@@ -61,7 +79,8 @@ def test_context_is_shortened_question_kept_and_other_messages_untouched(draft):
     assert out.compression is not None
     assert out.compression.total_kept_tokens <= 40 < count(CONTEXT)
     shortened = out.messages[1]["content"]
-    assert shortened == f"{out.compression.documents[0].text}\n\n{QUERY}"
+    # CONTEXT ends with a space: it belongs to the blank line, which is put back as it was written
+    assert shortened == f"{out.compression.documents[0].text} \n\n{QUERY}"
     assert out.draft_answer is None  # no lookahead asked for
 
 
@@ -81,6 +100,14 @@ def test_context_within_budget_passes_through_without_the_draft(draft):
     assert out.messages == prompt
     assert out.draft_answer is None
     assert out.compression is not None and not out.compression.documents[0].compressed
+
+
+def test_question_with_instructions_is_kept_byte_for_byte_after_the_shortened_context(draft):
+    question = f"  {QUERY}\r\n\r\nAnswer in one word.\r\n"
+    out = compress_prompt(messages(f"{CONTEXT}\r\n \r\n{question}"), make(draft), lookahead_tokens=0)
+    assert out.compression is not None and out.compression.documents[0].compressed
+    assert out.compression.query == f"{QUERY}\r\n\r\nAnswer in one word."  # the draft reads the whole question
+    assert out.messages[1]["content"] == f"{out.compression.documents[0].text} \r\n \r\n{question}"
 
 
 @pytest.mark.parametrize("content", ["one paragraph, no question split", ""])

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy as np
 import pytest
 import torch
 
-from draft_rag import SpecPC
-from draft_rag.specpc import join_spans, select_tokens, snap_spans
+from draft_rag import DraftCache, LoadedModel, SpecPC
+from draft_rag.bench.tiny import CHATML
+from draft_rag.specpc import TEMPLATE_DATE, _template_parts, join_spans, select_tokens, snap_spans
 from tests.tiny import tiny_model, tiny_tokenizer
 
 QUERY = "What is the special magic number for the word apple?"
@@ -322,3 +324,42 @@ def test_settings_name_every_knob_with_its_value_and_leave_out_models_and_budget
     assert {"draft", "budget", "target_tokenizer", "device", "dtype", "progress", "cache"}.isdisjoint(settings)
     assert make(draft, budget=7).settings() == settings
     assert make(draft, document_boundaries=False).settings() == {**settings, "document_boundaries": False}
+
+
+# Templates that render the clock, as Llama 3.x does for its "Today Date" (microseconds: every rendering differs).
+CLOCK_TEMPLATE = "<|im_start|>system\nNow: {{ strftime_now('%H:%M:%S.%f') }}<|im_end|>\n" + CHATML
+DATED_TEMPLATE = (
+    "{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y %H:%M:%S.%f') %}{% endif %}"
+    "<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n" + CHATML
+)
+
+
+def with_template(draft, template: str) -> LoadedModel:
+    """``draft``'s weights with a fresh copy of its tokenizer that renders ``template``."""
+    tokenizer = copy.deepcopy(draft.tokenizer)
+    tokenizer.chat_template = template
+    user = [{"role": "user", "content": "hi"}]
+    first, second = (tokenizer.apply_chat_template(user, tokenize=False) for _ in range(2))
+    assert first != second  # the template does render the clock, so a rendering per call would drift
+    return LoadedModel(model=draft.model, tokenizer=tokenizer, name=draft.name)
+
+
+def test_a_template_that_renders_the_clock_keeps_cache_keys_and_output(draft):
+    clocked = with_template(draft, CLOCK_TEMPLATE)
+    cache = DraftCache()
+    first = make(clocked, cache=cache).compress(QUERY, DOCS)
+    before = cache.stats
+    second = make(clocked, cache=cache).compress(QUERY, DOCS)  # a second SpecPC, as the cascade makes per prompt
+    after = cache.stats
+    assert first.texts == second.texts
+    assert after.misses == before.misses == len(DOCS) + 1  # the prefix and each document, encoded once
+    assert after.hits - before.hits == len(DOCS) + 1
+
+
+def test_a_template_dated_by_date_string_gets_the_same_prefix_in_every_process(draft):
+    # Each fresh tokenizer copy stands for another process (or day) that renders the template anew.
+    cache = DraftCache()
+    results = [make(with_template(draft, DATED_TEMPLATE), cache=cache).compress(QUERY, DOCS) for _ in range(2)]
+    assert results[0].texts == results[1].texts
+    assert cache.stats.misses == len(DOCS) + 1 and cache.stats.hits == len(DOCS) + 1
+    assert TEMPLATE_DATE in _template_parts(with_template(draft, DATED_TEMPLATE).tokenizer)[0]

@@ -111,7 +111,8 @@ class ChatDraftRAG(BaseChatModel):
     """KV entries per KV head per layer kept for the prompt."""
     prompt_budget: int | None = Field(default=None, gt=0)
     """The SpecKV-PC cascade: SpecPC first shortens the last user message's context (the text before its
-    last blank line) to this many tokens; ``None`` (default) keeps the whole prompt."""
+    question, which comes last after a blank line) to this many tokens; ``None`` (default) keeps the whole
+    prompt."""
     window_size: int = Field(default=32, gt=0)
     """Last prompt positions that always stay and whose queries score the others."""
     max_tokens: int = Field(default=256, gt=0)

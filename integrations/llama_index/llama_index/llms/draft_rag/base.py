@@ -86,7 +86,7 @@ class DraftRAGLLM(CustomLLM):
     prompt_budget: int | None = Field(
         default=None, gt=0,
         description="SpecKV-PC cascade: SpecPC first shortens the last user message's context (the text before "
-        "its last blank line) to this many tokens; None keeps the whole prompt.",
+        "its question, which comes last after a blank line) to this many tokens; None keeps the whole prompt.",
     )
     window_size: int = Field(default=32, gt=0, description="Last prompt positions that always stay.")
     max_new_tokens: int = Field(default=256, gt=0, description="Most new tokens per answer.")

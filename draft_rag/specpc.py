@@ -207,8 +207,8 @@ class SpecPC:
         chunk_size: prefill chunk length, bounding activation memory on long inputs (2048).
         elision_marker: placed between kept spans, and at either end where text was cut (``" … "``; ``""``
             joins the spans directly).
-        device, dtype: where and how to run the draft (default CUDA + bf16 when available, else the CPU, in
-            bf16 where it has native bf16, else fp32).
+        device, dtype: where and how to run the draft (default CUDA when available, in bf16 where the GPU has
+            it natively, else fp16; else the CPU, in bf16 where it has native bf16, else fp32).
         progress: show a progress bar over the prefill (None: only on a terminal).
         cache: a :class:`~draft_rag.draft_cache.DraftCache` of per-document draft K/V (None: no cache). With
             one, each document is encoded once on its own after the chat template's opening and reused by

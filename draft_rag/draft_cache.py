@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import threading
 import warnings
@@ -40,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from draft_rag.hf import check_supported, key_rotation
 from draft_rag.models import LoadedModel
-from draft_rag.scoring import attention_modules, check_attention_support, check_int, prefill
+from draft_rag.scoring import check_int, prefill
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, PreTrainedModel
@@ -57,10 +57,6 @@ FILE_MODE = 0o600
 
 _HASH_SLICE = 1 << 26
 """Bytes of a tensor copied to the CPU and hashed at a time (bounds the extra memory of hashing GPU weights)."""
-
-# RoPE variants whose angle is a fixed frequency times the position, so that a shift is one more rotation.
-# ("dynamic" and "longrope" change their frequencies with the sequence length.)
-_SHIFTABLE_ROPE = ("default", "linear", "llama3", "yarn")
 
 _FINGERPRINTS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _FINGERPRINT_LOCK = threading.Lock()
@@ -447,42 +443,39 @@ def model_fingerprint(model: PreTrainedModel) -> str:
 
 
 def rotate_keys(model: PreTrainedModel, keys: torch.Tensor, shift: int) -> torch.Tensor:
-    """Post-RoPE ``keys`` ``[..., kv_heads, tokens, head_dim]`` moved ``shift`` positions later (or earlier).
+    """Every layer's post-RoPE ``keys`` ``[layers, kv_heads, tokens, head_dim]`` moved ``shift`` positions later
+    (or earlier).
 
     RoPE rotates each pair of dimensions by an angle proportional to the position, so a key of position ``p``
     becomes the key of position ``p + shift`` by one more rotation by ``shift``. The rotation uses the
     model's own rotary module and ``apply_rotary_pos_emb`` (so partial and interleaved RoPE work), in fp32,
-    with the rotary module's ``attention_scaling`` divided out so that it is a pure rotation.
+    with the rotary module's ``attention_scaling`` divided out so that it is a pure rotation. The keys of a
+    layer without RoPE (SmolLM3's every fourth layer) hold no position and stay as they are.
 
     Raises:
-        NotImplementedError: the model's RoPE changes its frequencies with the sequence length
-            (``dynamic``, ``longrope``) or differs between layers, so a shift is not a rotation.
+        NotImplementedError: a shift is not one more rotation of the keys, e.g. the model's RoPE changes its
+            frequencies with the sequence length (``dynamic``, ``longrope``) or differs between layers (see
+            :func:`draft_rag.hf.check_supported`).
     """
-    rotary, apply_rope = _rope(model)
-    if shift == 0:
+    rotary, apply_rope, rotated = key_rotation(model)
+    if keys.shape[0] != len(rotated):
+        msg = f"rotate_keys needs the keys of all {len(rotated)} layers of the model, got {keys.shape[0]}."
+        raise ValueError(msg)
+    layers = [index for index, rotates in enumerate(rotated) if rotates]
+    if shift == 0 or not layers:
         return keys
+    assert apply_rope is not None  # key_rotation found it where a layer rotates
     probe = torch.zeros(1, device=keys.device)
     cos, sin = rotary(probe, torch.tensor([[shift]], device=keys.device))
     scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
-    full = keys.float()
-    _, rotated = apply_rope(full, full, cos.float() / scaling, sin.float() / scaling)
-    return rotated.to(keys.dtype)
-
-
-def _rope(model: PreTrainedModel) -> tuple[Any, Any]:
-    """The model's rotary embedding module and its architecture's ``apply_rotary_pos_emb``."""
-    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    rotary = next((m for n, m in model.named_modules() if n.split(".")[-1] == "rotary_emb"), None)
-    rope_type = getattr(rotary, "rope_type", None)
-    attention = next(attention_modules(model))
-    apply_rope = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-    if rotary is None or apply_rope is None or rope_type not in _SHIFTABLE_ROPE:
-        msg = (
-            f"{name} uses RoPE of type {rope_type!r}, which a draft cache cannot shift to new positions (supported: "
-            f"{', '.join(_SHIFTABLE_ROPE)}); use SpecPC without cache= for this draft model."
-        )
-        raise NotImplementedError(msg)
-    return rotary, apply_rope
+    every = len(layers) == len(rotated)
+    full = (keys if every else keys[layers]).float()
+    _, turned = apply_rope(full, full, cos.float() / scaling, sin.float() / scaling)
+    if every:
+        return turned.to(keys.dtype)
+    moved = keys.clone()
+    moved[layers] = turned.to(keys.dtype)
+    return moved
 
 
 def _kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
@@ -521,7 +514,6 @@ def _key(model: PreTrainedModel, prefix_ids: list[int], text: str | None) -> _Ke
 
 def _check_supported(draft: LoadedModel, prefix_tokens: int, chunks: Sequence[Chunk]) -> None:
     """Raise before any compute when the draft's keys cannot be moved or a chunk does not fit after the prefix."""
-    _rope(draft.model)
     longest = max((len(chunk.input_ids) for chunk in chunks), default=0)
     needed = prefix_tokens + longest
     if needed > draft.max_context:
@@ -530,7 +522,7 @@ def _check_supported(draft: LoadedModel, prefix_tokens: int, chunks: Sequence[Ch
             f"model's maximum context of {draft.max_context}; split long documents into smaller chunks."
         )
         raise ValueError(msg)
-    check_attention_support(draft.model, needed)
+    check_supported(draft.model, needed, cache=True)
 
 
 def _encode(

@@ -47,11 +47,12 @@ from draft_rag.decoding import (
     forward_tokens,
     stop_strings,
 )
+from draft_rag.hf import check_supported
 from draft_rag.kv import METHODS, KVEviction, KVPeak, cache_bytes
 from draft_rag.kv.base import layer_bytes
 from draft_rag.kv.speckv import answer_ids, draft_lookahead
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, LoadedModel, load_model, stop_token_ids
-from draft_rag.scoring import ScoreReduction, check_attention_support, check_int
+from draft_rag.scoring import ScoreReduction, check_int
 
 if TYPE_CHECKING:
     from transformers import Cache
@@ -328,7 +329,7 @@ class SpecKV:
         assert self.draft is not None
         draft_ids = chat_prompt_ids(self.draft.tokenizer, messages)
         _check_context(self.draft, draft_ids.shape[1], "draft", name)
-        check_attention_support(self.draft.model, draft_ids.shape[1] + self._lookahead_steps(settings))
+        check_supported(self.draft.model, draft_ids.shape[1] + self._lookahead_steps(settings))
         return _Request(draft_ids[:, :0], None, 0, settings, messages=messages, name=name)
 
     def _tokenize(
@@ -344,9 +345,21 @@ class SpecKV:
             if drafted is None:
                 draft_ids = chat_prompt_ids(self.draft.tokenizer, messages)
                 _check_context(self.draft, draft_ids.shape[1], "draft", name)
-                check_attention_support(self.draft.model, draft_ids.shape[1] + steps - 1)
-        check_attention_support(self.target.model, n + max(steps, settings.max_new_tokens - 1))
+                check_supported(self.draft.model, draft_ids.shape[1] + steps - 1, scoring=False)
+        check_supported(self.target.model, n + max(steps, settings.max_new_tokens - 1), scoring=self._reads_target(n))
         return _Request(prompt_ids, draft_ids, steps, settings, drafted=drafted if steps else None)
+
+    def _reads_target(self, n: int) -> bool:
+        """Whether a prompt of ``n`` tokens has the target's attention read: scored by the eviction method, or
+        replaced by sparse prefill (the draft only generates its answer)."""
+        scored = self.eviction.evicts(n) and self.eviction.observers(n) is not None
+        return scored or self._sparse_sizes() is not None
+
+    def _sparse_sizes(self) -> tuple[int, int] | None:
+        """The sparse prefill's window and vertical sizes, or None when the target's prefill stays dense."""
+        if self.prefill_window_size is None or self.prefill_vertical_size is None or self.chunk_size is not None:
+            return None
+        return self.prefill_window_size, self.prefill_vertical_size
 
     def _lookahead_steps(self, settings: _Settings) -> int:
         """How many tokens the draft answers with for SpecKV (0 for methods without a draft)."""
@@ -421,7 +434,8 @@ class SpecKV:
         self, request: _Request, lookahead: torch.Tensor | None
     ) -> contextlib.AbstractContextManager[None]:
         """The sparse-prefill block for this request's target prefill, or a no-op when it stays dense."""
-        if self.prefill_window_size is None or self.prefill_vertical_size is None or self.chunk_size is not None:
+        sizes = self._sparse_sizes()
+        if sizes is None:
             return contextlib.nullcontext()
         from draft_rag.sparse_prefill import sparse_prefill
 
@@ -431,8 +445,7 @@ class SpecKV:
         prompt_observers = n - observers.first if observers is not None else min(n, 33)
         extra = lookahead.shape[1] if lookahead is not None and observers is not None and observers.lookahead else 0
         return sparse_prefill(
-            self.target.model, num_observers=prompt_observers + extra, window_size=self.prefill_window_size,
-            vertical_size=self.prefill_vertical_size,
+            self.target.model, num_observers=prompt_observers + extra, window_size=sizes[0], vertical_size=sizes[1]
         )
 
     def _draft_lookahead(self, request: _Request) -> torch.Tensor | None:
@@ -448,7 +461,8 @@ class SpecKV:
             return None
         if lookahead is not None:
             # Re-tokenized by another tokenizer, the answer can take more target tokens than the draft generated.
-            check_attention_support(self.target.model, request.prompt_ids.shape[1] + lookahead.shape[1])
+            n = request.prompt_ids.shape[1]
+            check_supported(self.target.model, n + lookahead.shape[1], scoring=self._reads_target(n))
         return lookahead
 
 

@@ -2,8 +2,9 @@
 
 During an ordinary forward pass (sdpa or flash-attention; eager is never needed) every attention layer
 is observed by a temporary forward hook. For the *observer* positions (a contiguous tail of the sequence:
-the last prompt window plus lookahead / draft-answer tokens) the hook rebuilds the post-RoPE query
-states from the layer's input, reads the post-RoPE keys of all positions from the KV cache, and computes
+the last prompt window plus lookahead / draft-answer tokens) the hook rebuilds the query states from the
+layer's input (rotated by RoPE in the layers that rotate them: SmolLM3, for one, skips RoPE in every
+fourth layer), reads the keys of all positions from the KV cache, and computes
 
     A[l, h, o, j] = softmax_j(q[l, h, o] . k[l, kv(h), j] / sqrt(d))    (fp32, causal)
 
@@ -14,21 +15,23 @@ per layer however many observers there are. Scores combine across blocks and for
 prompt can be prefilled in chunks and lookahead tokens generated one at a time while the scores
 accumulate. Hooks live only inside the ``with`` block and act only on forward calls made by the thread
 that entered it, so another thread may run the same (shared) model meanwhile: the user's model is not
-changed.
+changed. What the rebuild assumes of a model's attention layers is checked, before anything runs, by
+:func:`draft_rag.hf.check_supported`.
 """
 
 from __future__ import annotations
 
 import inspect
 import numbers
-import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
+
+from draft_rag.hf import QueryRebuild, attention_modules, query_rebuild
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -62,14 +65,6 @@ def hooked_cache(kwargs: Mapping[str, Any]) -> Cache:
         raise RuntimeError(msg)
     return cache
 
-# Layer types (``config.layer_types``) whose attention the scoring reproduces, and the config field holding
-# each one's window (None: the layer attends to every earlier key).
-_WINDOW_FIELDS = {
-    "full_attention": None,
-    "sliding_attention": "sliding_window",
-    "chunked_attention": "attention_chunk_size",
-}
-
 
 def check_int(name: str, value: object, minimum: int) -> None:
     """Raise unless ``value`` is an integer (not a bool) of at least ``minimum``; the message names ``name``."""
@@ -79,59 +74,6 @@ def check_int(name: str, value: object, minimum: int) -> None:
     if value < minimum:
         msg = f"{name} must be >= {minimum}, got {value}."
         raise ValueError(msg)
-
-
-def check_attention_support(model: PreTrainedModel, total_tokens: int) -> None:
-    """Raise NotImplementedError when the scoring cannot reproduce ``model``'s attention over ``total_tokens``.
-
-    Call it before any compute with ``total_tokens``, the longest sequence the model will hold in one cache:
-    the prompt plus every token fed after it (lookahead observers, generated tokens). Supported are layers
-    with full causal attention, and sliding-window or chunked layers whose window is at least
-    ``total_tokens`` (such a window hides no key, so the layer attends exactly like full attention).
-    Unsupported, and rejected here: a window shorter than ``total_tokens`` (the layer never attends to the
-    keys outside it, and transformers' sliding caches drop them), attention logit soft-capping (Gemma 2),
-    and any other layer type (linear attention, state-space layers...).
-    """
-    check_int("total_tokens", total_tokens, 0)
-    config = model.config.get_text_config(decoder=True)
-    name = getattr(config, "_name_or_path", "") or type(model).__name__
-    if getattr(config, "attn_logit_softcapping", None):
-        msg = (
-            f"{name} soft-caps its attention logits (attn_logit_softcapping), which draft-rag's scoring does not "
-            "reproduce; use a model without attention soft-capping."
-        )
-        raise NotImplementedError(msg)
-    for layer_type in dict.fromkeys(_layer_types(config)):
-        if layer_type not in _WINDOW_FIELDS:
-            msg = (
-                f"{name} has {layer_type!r} layers; draft-rag scores full, sliding-window and chunked attention "
-                "layers only. Use a Llama/Qwen/Mistral-style decoder model."
-            )
-            raise NotImplementedError(msg)
-        field_name = _WINDOW_FIELDS[layer_type]
-        window = getattr(config, field_name) if field_name else None
-        if window is not None and total_tokens > window:
-            msg = (
-                f"{name} attends within a window of {window} tokens ({layer_type}), but this call needs "
-                f"{total_tokens} tokens in one sequence (prompt plus lookahead and generated tokens); "
-                f"draft-rag does not support attention limited to a window yet. Shorten the prompt or the "
-                f"generation to at most {window} tokens in all, or use a model with full attention."
-            )
-            raise NotImplementedError(msg)
-
-
-def _layer_types(config: Any) -> list[str]:
-    """Each layer's attention type, inferred like transformers does when the config lists none."""
-    declared = getattr(config, "layer_types", None)
-    if declared is not None:
-        return list(declared)
-    if getattr(config, "sliding_window", None) is not None:
-        inferred = "sliding_attention"
-    elif getattr(config, "attention_chunk_size", None) is not None:
-        inferred = "chunked_attention"
-    else:
-        inferred = "full_attention"
-    return [inferred] * config.num_hidden_layers
 
 
 @dataclass(frozen=True)
@@ -239,8 +181,9 @@ class ObserverScores:
     attention from all observers, where ``n`` is the longest key sequence seen.
 
     Args:
-        model: a decoder-only transformers model whose attention layers have ``q_proj``, ``layer_idx`` and a
-            module-level ``apply_rotary_pos_emb`` (Llama, Qwen2, Qwen3, Mistral and most others).
+        model: a decoder-only transformers model with Llama/Qwen/Mistral-style attention layers (Llama, Qwen2,
+            Qwen3, Mistral, SmolLM3 and most others): what that means is in :func:`draft_rag.hf.check_supported`,
+            and an unsupported layer raises NotImplementedError here, before anything runs.
         first_observer: index of the first observer position.
         num_observers: how many observer positions follow it.
         reduction: see :class:`ScoreReduction`.
@@ -270,6 +213,7 @@ class ObserverScores:
         self.block_size = block_size
         self._attention = list(attention_modules(model))
         self._layers = set(range(len(self._attention)) if layers is None else layers)
+        self._rebuilds = {index: query_rebuild(self._attention[index]) for index in sorted(self._layers)}
         self._weights = (
             observer_weights(num_observers, ramp_rows=self.reduction.ramp_rows)
             if self.reduction.weighted_query
@@ -337,14 +281,17 @@ class ObserverScores:
         hi = min(self.first_observer + self.num_observers, n)
         if lo >= hi:
             return
-        cos, sin = kwargs["position_embeddings"]
+        rebuild = self._rebuilds[layer_index]
+        # A layer without RoPE still receives the model's angles; it just does not use them.
+        angles = kwargs["position_embeddings"] if rebuild.rope is not None else None
         keys = keys.float()
         for block in range(lo, hi, self.block_size):
             end = min(block + self.block_size, hi)
             local = slice(block - start, end - start)
-            query = observer_queries(module, hidden[:, local], cos[:, local], sin[:, local])
+            block_angles = None if angles is None else (angles[0][:, local], angles[1][:, local])
+            query = observer_queries(module, rebuild, hidden[:, local], block_angles)
             positions = torch.arange(block, end, device=keys.device)
-            probs = observer_attention(query, keys, positions, _scaling(module))
+            probs = observer_attention(query, keys, positions, rebuild.scaling)
             weights = None
             if self._weights is not None:
                 weights = self._weights[block - self.first_observer : end - self.first_observer]
@@ -361,45 +308,22 @@ class ObserverScores:
 
 
 def observer_queries(
-    module: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    module: Any,
+    rebuild: QueryRebuild,
+    hidden: torch.Tensor,
+    angles: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """Rebuild an attention layer's post-RoPE query states ``[batch, heads, q, dim]`` from its input."""
-    head_dim = _head_dim(module)
-    query = module.q_proj(hidden).view(*hidden.shape[:-1], -1, head_dim)
-    q_norm = getattr(module, "q_norm", None)
-    if q_norm is not None:
-        query = q_norm(query)
+    """Rebuild an attention layer's query states ``[batch, heads, q, dim]`` (post-RoPE where the layer rotates)
+    from its input, as :func:`~draft_rag.hf.query_rebuild` found the layer builds them; ``angles`` are the
+    layer's ``(cos, sin)`` for these positions, None for a layer without RoPE."""
+    query = module.q_proj(hidden).view(*hidden.shape[:-1], -1, rebuild.head_dim)
+    if rebuild.norm:
+        query = module.q_norm(query)
     query = query.transpose(1, 2)
-    rope = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
-    if rope is None:
-        msg = f"{type(module).__name__} has no apply_rotary_pos_emb in its module; this architecture is not supported."
-        raise NotImplementedError(msg)
-    rotated, _ = rope(query, query, cos, sin)
+    if rebuild.rope is None or angles is None:
+        return query
+    rotated, _ = rebuild.rope(query, query, *angles)
     return rotated
-
-
-def attention_modules(model: PreTrainedModel) -> Iterator[torch.nn.Module]:
-    """The self-attention module of each decoder layer, in layer order."""
-    found = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
-    if not found:
-        msg = (
-            f"{type(model).__name__} has no attention layers with q_proj/layer_idx; draft-rag supports "
-            "Llama/Qwen/Mistral-style decoder models."
-        )
-        raise NotImplementedError(msg)
-    yield from sorted(found, key=lambda m: m.layer_idx)
-
-
-def _head_dim(module: Any) -> int:
-    head_dim = getattr(module, "head_dim", None)
-    if head_dim is None:
-        config = module.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return int(head_dim)
-
-
-def _scaling(module: Any) -> float:
-    return float(getattr(module, "scaling", _head_dim(module) ** -0.5))
 
 
 def prefill(
@@ -414,7 +338,7 @@ def prefill(
 
     Only the last position's logits are computed (no full-vocabulary logits for the prompt). Returns the
     cache and the last logits ``[batch, vocab]``. A new cache keeps every position in every layer (no
-    sliding-window truncation), so the scoring sees all keys; :func:`check_attention_support` rejects
+    sliding-window truncation), so the scoring sees all keys; :func:`~draft_rag.hf.check_supported` rejects
     sequences that a layer's window would cut. ``progress`` is called with the number of tokens done after
     each chunk.
     """

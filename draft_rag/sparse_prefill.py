@@ -46,10 +46,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from draft_rag.hf import attention_modules, check_supported
 from draft_rag.scoring import (
     OBSERVER_BLOCK_SIZE,
     ScoreReduction,
-    attention_modules,
     check_int,
     observer_attention,
     reduce_rows,
@@ -318,7 +318,8 @@ def sparse_prefill(
 
     Args:
         model: a decoder-only transformers model loaded with ``attn_implementation`` ``"sdpa"`` or flash
-            attention (Llama, Qwen2, Qwen3, Mistral...).
+            attention (Llama, Qwen2, Qwen3, Mistral...), whose attention draft-rag's scoring supports (see
+            :func:`draft_rag.hf.check_supported`; NotImplementedError otherwise, before anything runs).
         num_observers: how many positions at the end of the sequence score the keys; in SpecKV the last
             ``window_size + 1`` prompt positions plus the draft answer's tokens.
         window_size: keys in each query's local band (default :data:`PREFILL_WINDOW_SIZE`).
@@ -333,6 +334,7 @@ def sparse_prefill(
     check_int("window_size", window_size, 1)
     check_int("vertical_size", vertical_size, 0)
     check_int("block_size", block_size, 1)
+    check_supported(model, None)
     configs: list[Any] = list({id(m.config): m.config for m in attention_modules(model)}.values())
     previous = [config._attn_implementation for config in configs]
     for implementation in previous:

@@ -421,13 +421,14 @@ class SpecPC:
         import torch
         from tqdm.auto import tqdm
 
-        from draft_rag.scoring import ObserverScores, ScoreReduction, check_attention_support, prefill
+        from draft_rag.hf import check_supported
+        from draft_rag.scoring import ObserverScores, ScoreReduction, prefill
 
         model = draft.model
         n = len(prompt.input_ids)
         window = n - prompt.question_start if self.observe_from == "question" else min(self.window_size, n)
         extra = max(self.lookahead_tokens - 1, 0)
-        check_attention_support(model, n + extra)
+        check_supported(model, n + extra)
         num_layers = model.config.num_hidden_layers
         first_layer = min(self.starting_layer_index, num_layers - 1)
         reduction = ScoreReduction(self.reduction, self.observer_reduction, self.weighted_query,

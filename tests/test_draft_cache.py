@@ -30,6 +30,12 @@ def draft():
     return tiny_model("qwen2", seed=7)
 
 
+@pytest.fixture(scope="module")
+def smollm3_draft():
+    """A SmolLM3 draft whose first and last layers skip RoPE: the first shows every moved key, the last is scored."""
+    return tiny_model("smollm3", seed=7, no_rope_layers=[0, 1, 1, 0])
+
+
 def make(draft, cache=None, **kwargs):
     defaults = dict(budget=48, window_size=8, kernel_size=5, neighbor_tokens=6, starting_layer_index=1)
     defaults.update(kwargs)
@@ -52,9 +58,11 @@ def kept_overlap(a, b):
     return len(chars[0] & chars[1]) / max(len(chars[0] | chars[1]), 1)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "smollm3"])
 @pytest.mark.parametrize("window_size", [8, 64])
 @pytest.mark.parametrize("lookahead", [1, 3])
-def test_single_document_scores_equal_the_uncached_path(draft, window_size, lookahead):
+def test_single_document_scores_equal_the_uncached_path(request, arch, window_size, lookahead):
+    draft = request.getfixturevalue("draft" if arch == "qwen2" else "smollm3_draft")
     n = len(_DraftPrompt(draft.tokenizer, QUERY, [LONG_DOC]).input_ids)
     # 8 observers lie inside the question; 64 reach back into the document, so its tail runs fresh.
     assert (n - window_size < question_start(draft, QUERY, [LONG_DOC])) == (window_size == 64)
@@ -71,24 +79,37 @@ def test_single_document_scores_equal_the_uncached_path(draft, window_size, look
 
 
 @pytest.mark.parametrize(
-    "rope",
-    [None, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 1024}],
-    ids=["default", "yarn"],
+    ("arch", "settings"),
+    [
+        ("qwen2", {}),
+        ("qwen2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                       "original_max_position_embeddings": 1024}}),
+        ("smollm3", {"no_rope_layers": [0, 1, 1, 1]}),  # the first layer without RoPE: its keys must not move
+        ("smollm3", {}),
+    ],
+    ids=["default", "yarn", "smollm3-first-layer-without-rope", "smollm3"],
 )
-def test_rotated_keys_equal_keys_encoded_at_the_new_position(rope):
+def test_rotated_keys_equal_keys_encoded_at_the_new_position(arch, settings):
     # First-layer keys depend only on the token and its position, so a moved chunk must match exactly.
-    model = (tiny_model("qwen2", seed=3) if rope is None else tiny_model("qwen2", seed=3, rope_parameters=rope)).model
-    tokenizer = tiny_model("qwen2", seed=3).tokenizer
+    loaded = tiny_model(arch, seed=3, **settings)
+    model, tokenizer = loaded.model, loaded.tokenizer
     before = tokenizer(DOCS[0], add_special_tokens=False)["input_ids"]
     chunk = tokenizer(DOCS[1], add_special_tokens=False)["input_ids"]
     alone, _ = prefill(model, torch.tensor([chunk]))
     behind, _ = prefill(model, torch.tensor([before + chunk]))
-    at_zero, at_shift = alone.layers[0].keys, behind.layers[0].keys[:, :, len(before) :]
-    torch.testing.assert_close(rotate_keys(model, at_zero, len(before)), at_shift, atol=1e-4, rtol=0)
-    torch.testing.assert_close(rotate_keys(model, at_shift, -len(before)), at_zero, atol=1e-4, rtol=0)
+    at_zero = torch.stack([layer.keys[0] for layer in alone.layers])
+    at_shift = torch.stack([layer.keys[0, :, len(before) :] for layer in behind.layers])
+    moved, back = rotate_keys(model, at_zero, len(before)), rotate_keys(model, at_shift, -len(before))
+    torch.testing.assert_close(moved[0], at_shift[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(back[0], at_zero[0], atol=1e-4, rtol=0)
+    for layer, rotates in enumerate(getattr(model.config, "no_rope_layers", [])):
+        if not rotates:  # a layer without RoPE keeps its keys as they are, wherever they move
+            assert torch.equal(moved[layer], at_zero[layer]) and torch.equal(back[layer], at_shift[layer])
 
 
-def test_context_lays_chunks_out_at_their_prompt_positions(draft):
+@pytest.mark.parametrize("arch", ["qwen2", "smollm3"])
+def test_context_lays_chunks_out_at_their_prompt_positions(request, arch):
+    draft = request.getfixturevalue("draft" if arch == "qwen2" else "smollm3_draft")
     prompt = _DraftPrompt(draft.tokenizer, QUERY, DOCS)
     prefix_ids, chunks = prompt.cache_chunks()
     documents_end = question_start(draft, QUERY, DOCS)

@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig
 
 from draft_rag.generation import SpecKV
+from draft_rag.hf import check_supported
 from draft_rag.models import LoadedModel
-from draft_rag.scoring import ObserverScores, ScoreReduction, check_attention_support, prefill
+from draft_rag.scoring import ObserverScores, ScoreReduction, prefill
 from tests.test_scoring import naive_scores
 from tests.test_speckv import LONG_PROMPT, plain_generate
 from tests.tiny import no_forward, tiny_config, tiny_model, tiny_tokenizer
@@ -47,32 +48,36 @@ def test_mistral_v01_defaults_to_a_4096_window():
         (lambda: tiny_model("llama"), None),
     ],
 )
-def test_check_attention_support_rejects_only_sequences_longer_than_the_window(loaded, window):
+def test_check_supported_rejects_only_sequences_longer_than_the_window(loaded, window):
     model = loaded().model
     if window is None:
-        check_attention_support(model, 100_000)
+        check_supported(model, 100_000)
         return
-    check_attention_support(model, window)
+    check_supported(model, window)
     with pytest.raises(NotImplementedError, match=f"window of {window} tokens.*{window + 1} tokens"):
-        check_attention_support(model, window + 1)
+        check_supported(model, window + 1)
 
 
-def test_check_attention_support_rejects_soft_capping_and_unknown_layers():
+def test_check_supported_rejects_soft_capping_and_unknown_layers():
     config = Gemma2Config(vocab_size=len(tiny_tokenizer()), hidden_size=64, intermediate_size=128,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     gemma = build(config, attn="eager")
     with pytest.raises(NotImplementedError, match="soft-caps"):
-        check_attention_support(gemma.model, 10)
+        check_supported(gemma.model, 10)
     gemma.model.config.attn_logit_softcapping = None
-    check_attention_support(gemma.model, gemma.model.config.sliding_window)
+    with pytest.raises(NotImplementedError, match="softcap=self.attn_logit_softcapping"):
+        check_supported(gemma.model, 10)  # the layers took their soft-capping from the config when built
+    for layer in gemma.model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    check_supported(gemma.model, gemma.model.config.sliding_window)
     with pytest.raises(NotImplementedError, match="window"):
-        check_attention_support(gemma.model, gemma.model.config.sliding_window + 1)
+        check_supported(gemma.model, gemma.model.config.sliding_window + 1)
     hybrid = tiny_model("qwen2")
     hybrid.model.config.layer_types = ["full_attention", "linear_attention"]
     with pytest.raises(NotImplementedError, match="'linear_attention' layers"):
-        check_attention_support(hybrid.model, 10)
+        check_supported(hybrid.model, 10)
     with pytest.raises(ValueError, match="total_tokens"):
-        check_attention_support(hybrid.model, -1)
+        check_supported(hybrid.model, -1)
 
 
 @pytest.mark.parametrize("chunk_size", [2048, 16])
@@ -81,7 +86,7 @@ def test_scores_within_the_window_match_eager_reference(chunk_size):
     eager, sdpa = tiny_mistral(64, seed=4, attn="eager"), tiny_mistral(64, seed=4)
     ids = torch.randint(3, sdpa.model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     reduction = ScoreReduction(weighted_query=True)
-    check_attention_support(sdpa.model, 64)
+    check_supported(sdpa.model, 64)
     with ObserverScores(sdpa.model, 40, 24, reduction) as scorer:
         prefill(sdpa.model, ids, chunk_size=chunk_size)
     torch.testing.assert_close(scorer.scores(), naive_scores(eager.model, ids, 40, 24, reduction), atol=1e-5,

@@ -152,6 +152,12 @@ def target():
     return tiny_model("qwen2", seed=11, hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
 
 
+@pytest.fixture(scope="module")
+def smollm3_target():
+    """Its last layer has no RoPE: sparse prefill takes the layer's queries and keys as they come."""
+    return tiny_model("smollm3", seed=11)
+
+
 def _ids(model, n, seed=0):
     return torch.randint(3, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
 
@@ -173,9 +179,10 @@ def _reference_run(model, ids):
         model.config._attn_implementation = "sdpa"
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "smollm3"])
 @pytest.mark.parametrize("n", [17, 40, 97])
-def test_model_logits_match_masked_dense_model(target, n):
-    model = target.model
+def test_model_logits_match_masked_dense_model(request, arch, n):
+    model = request.getfixturevalue("target" if arch == "qwen2" else "smollm3_target").model
     ids = _ids(model, n, seed=n)
     expected_prefill, expected_step = _reference_run(model, ids)
     with sparse_prefill(model, window_size=WINDOW, vertical_size=VERTICAL, num_observers=OBSERVERS, block_size=6):

@@ -1,8 +1,8 @@
 """Tiny random-weight models for ``draft-rag bench --preset tiny`` and the test suite.
 
 They check plumbing and file formats in seconds, with no download: a byte-level BPE tokenizer is trained
-here and Qwen2- or Llama-architecture models of a few hundred thousand parameters are built from real
-configs. Their answers are noise; their accuracy means nothing.
+here and Qwen2-, Llama- or SmolLM3-architecture models of a few hundred thousand parameters are built from
+real configs. Their answers are noise; their accuracy means nothing.
 """
 
 from __future__ import annotations
@@ -56,8 +56,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(tokenizer: PreTrainedTokenizerFast, arch: str = "qwen2", **overrides: Any) -> PretrainedConfig:
-    """A real Qwen2 or Llama config shrunk to 2 layers, hidden 64, 4 query and 2 KV heads (GQA)."""
-    from transformers import LlamaConfig, Qwen2Config
+    """A real Qwen2, Llama or SmolLM3 config shrunk to 2 layers (SmolLM3: 4), hidden 64, 4 query and 2 KV heads (GQA).
+
+    SmolLM3 skips RoPE in every fourth layer (``no_rope_layers``): its last layer here.
+    """
+    from transformers import LlamaConfig, Qwen2Config, SmolLM3Config
 
     settings: dict[str, Any] = {
         "vocab_size": len(tokenizer),
@@ -71,9 +74,16 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, arch: str = "qwen2", **overr
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
+    if arch == "smollm3":
+        # Its default bos id (Llama 3's 128000) lies outside this vocabulary.
+        settings.update(num_hidden_layers=4, bos_token_id=None)
     settings.update(overrides)
     settings.setdefault("intermediate_size", 2 * settings["hidden_size"])
-    return (Qwen2Config if arch == "qwen2" else LlamaConfig)(**settings)
+    config_classes = {"qwen2": Qwen2Config, "llama": LlamaConfig, "smollm3": SmolLM3Config}
+    if arch not in config_classes:
+        msg = f"arch must be one of {', '.join(config_classes)}, got {arch!r}."
+        raise ValueError(msg)
+    return config_classes[arch](**settings)
 
 
 def tiny_model(

@@ -81,7 +81,13 @@ def build_index(data_dir: Path, chunk_tokens: int) -> VectorStoreIndex:
     from draft_rag.models import cache_dir
 
     documents = SimpleDirectoryReader(str(data_dir), required_exts=[".txt"], filename_as_id=True).load_data()
-    digest = hashlib.sha256(f"{chunk_tokens}".encode())
+    for document in documents:
+        # The model sees each chunk's file name (as the LangChain example shows its source), not the local
+        # path: a path is noise that costs tokens and leaks the machine's directory layout into the prompt.
+        document.excluded_llm_metadata_keys = [
+            key for key in document.metadata if key != "file_name"
+        ]
+    digest = hashlib.sha256(f"{chunk_tokens}:file_name-only".encode())
     for document in documents:
         digest.update(document.text.encode())
     persist_dir = cache_dir() / "examples" / f"llama-index-{digest.hexdigest()[:16]}"

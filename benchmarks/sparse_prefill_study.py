@@ -61,8 +61,8 @@ def run_mode(
     import torch
     from transformers import DynamicCache
 
+    from draft_rag.hf import cache_kwargs
     from draft_rag.models import stop_token_ids
-    from draft_rag.scoring import cache_kwargs
     from draft_rag.sparse_prefill import QUERY_BLOCK_SIZE, sparse_prefill
 
     model = target.model

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from draft_rag.scoring import check_int
+from draft_rag.checks import check_int
 from draft_rag.specpc import (
     ELISION_MARKER,
     CompressedDocument,

@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from draft_rag.bench.hardware import hardware_label
 from draft_rag.bench.tasks import TASKS, TaskGenerator
-from draft_rag.models import DEFAULT_TARGET, LoadedModel, hardware_label, load_model
+from draft_rag.models import DEFAULT_TARGET, LoadedModel, load_model
 
 RESULTS_FILE = "sparse_prefill.jsonl"
 SUMMARY_FILE = "sparse_prefill.md"

@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from benchmarks.study import StudyLog, add_model_options, load_pair, mean
+from draft_rag.bench.hardware import hardware_label
 from draft_rag.bench.tasks import TASKS, TaskGenerator
-from draft_rag.models import hardware_label
 
 RESULTS_FILE = "lookahead.jsonl"
 SUMMARY_FILE = "lookahead.md"

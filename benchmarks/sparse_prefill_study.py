@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from draft_rag.bench.hardware import hardware_label
 from draft_rag.bench.tasks import TASKS, TaskGenerator
-from draft_rag.models import DEFAULT_TARGET, LoadedModel, hardware_label, load_model
+from draft_rag.models import DEFAULT_TARGET, LoadedModel, load_model
 
 RESULTS_FILE = "sparse_prefill.jsonl"
 SUMMARY_FILE = "sparse_prefill.md"
@@ -61,8 +62,8 @@ def run_mode(
     import torch
     from transformers import DynamicCache
 
+    from draft_rag.hf import cache_kwargs
     from draft_rag.models import stop_token_ids
-    from draft_rag.scoring import cache_kwargs
     from draft_rag.sparse_prefill import QUERY_BLOCK_SIZE, sparse_prefill
 
     model = target.model

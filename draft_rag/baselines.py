@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from draft_rag.scoring import check_int
+from draft_rag.checks import check_int
 from draft_rag.specpc import (
     ELISION_MARKER,
     CompressedDocument,
@@ -126,7 +126,7 @@ class EmbeddingFilter:
         if self._embed is None:
             from sentence_transformers import SentenceTransformer
 
-            from draft_rag.models import embedding_model_path
+            from draft_rag.packaged import embedding_model_path
 
             encoder = SentenceTransformer(str(self.model or embedding_model_path()), device=self.device)
             self._embed = lambda texts: encoder.encode(texts, normalize_embeddings=True)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from draft_rag.scoring import cache_kwargs
+from draft_rag.checks import check_text
+from draft_rag.hf import cache_kwargs
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
@@ -87,19 +88,6 @@ def _text_block(where: str, block: object) -> str:
         msg = f"{where} is a {block.get('type')!r} block; only text blocks can be read, so remove the others."
         raise ValueError(msg)
     return check_text(where, block["text"])
-
-
-def check_text(name: str, text: str) -> str:
-    """``text`` itself, or a ValueError naming ``name`` when it holds a lone surrogate (not valid Unicode)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        msg = (
-            f"{name} holds a lone surrogate {text[error.start]!r} at index {error.start}, which no tokenizer "
-            "can encode; clean the text first, e.g. text.encode('utf-8', 'replace').decode('utf-8')."
-        )
-        raise ValueError(msg) from None
-    return text
 
 
 def stop_strings(stop: str | Sequence[str] | None) -> list[str]:

@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from draft_rag.hf import check_supported, key_rotation
+from draft_rag.checks import check_int
+from draft_rag.hf import cache_from_tensors, cache_tensors, check_supported, empty_cache, kv_shape, rotate_keys
 from draft_rag.models import LoadedModel
-from draft_rag.scoring import check_int, prefill
+from draft_rag.scoring import prefill
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, PreTrainedModel
@@ -215,8 +216,6 @@ class DraftCache:
         chunk's keys are rotated to the chunk's place in this prompt. The cache holds fewer positions than
         ``length`` when the chunks end sooner (``get_seq_length()`` says how many); the caller runs the rest.
         """
-        from transformers import DynamicCache
-
         check_int("length", length, 0)
         model = draft.model
         keys, values = [], []
@@ -229,9 +228,9 @@ class DraftCache:
                 values.append(entry.values[:, :, :take].to(model.device))
             start += len(entry.input_ids)
         if not keys:
-            return DynamicCache()
+            return empty_cache()
         all_keys, all_values = torch.cat(keys, dim=2), torch.cat(values, dim=2)
-        return DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in zip(all_keys, all_values)])
+        return cache_from_tensors((k[None], v[None]) for k, v in zip(all_keys, all_values))
 
     def _resolve(
         self,
@@ -411,7 +410,7 @@ def bytes_per_token(model: PreTrainedModel | LoadedModel) -> int:
     12 KiB (12288) for the packaged 0.5B draft in bf16: 24 layers, 2 KV heads of 64 dims.
     """
     model = model.model if isinstance(model, LoadedModel) else model
-    layers, kv_heads, head_dim = _kv_shape(model)
+    layers, kv_heads, head_dim = kv_shape(model)
     return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
 
 
@@ -442,53 +441,9 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return fingerprint
 
 
-def rotate_keys(model: PreTrainedModel, keys: torch.Tensor, shift: int) -> torch.Tensor:
-    """Every layer's post-RoPE ``keys`` ``[layers, kv_heads, tokens, head_dim]`` moved ``shift`` positions later
-    (or earlier).
-
-    RoPE rotates each pair of dimensions by an angle proportional to the position, so a key of position ``p``
-    becomes the key of position ``p + shift`` by one more rotation by ``shift``. The rotation uses the
-    model's own rotary module and ``apply_rotary_pos_emb`` (so partial and interleaved RoPE work), in fp32,
-    with the rotary module's ``attention_scaling`` divided out so that it is a pure rotation. The keys of a
-    layer without RoPE (SmolLM3's every fourth layer) hold no position and stay as they are.
-
-    Raises:
-        NotImplementedError: a shift is not one more rotation of the keys, e.g. the model's RoPE changes its
-            frequencies with the sequence length (``dynamic``, ``longrope``) or differs between layers (see
-            :func:`draft_rag.hf.check_supported`).
-    """
-    rotary, apply_rope, rotated = key_rotation(model)
-    if keys.shape[0] != len(rotated):
-        msg = f"rotate_keys needs the keys of all {len(rotated)} layers of the model, got {keys.shape[0]}."
-        raise ValueError(msg)
-    layers = [index for index, rotates in enumerate(rotated) if rotates]
-    if shift == 0 or not layers:
-        return keys
-    assert apply_rope is not None  # key_rotation found it where a layer rotates
-    probe = torch.zeros(1, device=keys.device)
-    cos, sin = rotary(probe, torch.tensor([[shift]], device=keys.device))
-    scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
-    every = len(layers) == len(rotated)
-    full = (keys if every else keys[layers]).float()
-    _, turned = apply_rope(full, full, cos.float() / scaling, sin.float() / scaling)
-    if every:
-        return turned.to(keys.dtype)
-    moved = keys.clone()
-    moved[layers] = turned.to(keys.dtype)
-    return moved
-
-
-def _kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
-    """Layers, KV heads and head dim of ``model``'s attention."""
-    config = model.config.get_text_config(decoder=True)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return int(config.num_hidden_layers), int(kv_heads), int(head_dim)
-
-
 def _entry_shape(model: PreTrainedModel, tokens: int) -> tuple[int, int, int, int]:
     """The shape of the keys (and of the values) of an entry of ``tokens`` tokens for ``model``."""
-    layers, kv_heads, head_dim = _kv_shape(model)
+    layers, kv_heads, head_dim = kv_shape(model)
     return layers, kv_heads, tokens, head_dim
 
 
@@ -533,22 +488,21 @@ def _encode(
     chunk_size: int,
 ) -> CachedChunk:
     """Run ``input_ids`` through the draft after ``prefix``'s K/V (none: from position 0) and keep their K/V."""
-    from transformers import DynamicCache
-
     position = 0 if prefix is None else len(prefix.input_ids)
     if not input_ids:
-        layers, kv_heads, head_dim = _kv_shape(model)
+        layers, kv_heads, head_dim = kv_shape(model)
         empty = torch.empty(layers, kv_heads, 0, head_dim, dtype=model.dtype)
         return CachedChunk([], offsets, empty, empty.clone(), position)
     past = None
     if prefix is not None and position:
-        past = DynamicCache(ddp_cache_data=[
+        past = cache_from_tensors(
             (k[None].to(model.device), v[None].to(model.device)) for k, v in zip(prefix.keys, prefix.values)
-        ])
+        )
     ids = torch.tensor([input_ids], device=model.device)
     cache, _ = prefill(model, ids, past, chunk_size=chunk_size)
-    keys = torch.stack([layer.keys[0, :, position:] for layer in cache.layers]).cpu()
-    values = torch.stack([layer.values[0, :, position:] for layer in cache.layers]).cpu()
+    cached = cache_tensors(cache)
+    keys = torch.stack([k[0, :, position:] for k, _ in cached]).cpu()
+    values = torch.stack([v[0, :, position:] for _, v in cached]).cpu()
     return CachedChunk(input_ids, offsets, keys, values, position)
 
 

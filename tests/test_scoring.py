@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from draft_rag import scoring
+from draft_rag.hf import cache_kwargs, hooked_cache
 from draft_rag.scoring import (
     OBSERVER_BLOCK_SIZE,
     ObserverScores,
@@ -177,15 +178,15 @@ def test_cache_keyword_follows_the_model_forward(tiny_qwen):
     import inspect
 
     cache = DynamicCache()
-    (keyword,) = scoring.cache_kwargs(tiny_qwen.model, cache)
+    (keyword,) = cache_kwargs(tiny_qwen.model, cache)
     assert keyword in inspect.signature(type(tiny_qwen.model).forward).parameters
 
     class OlderModel(torch.nn.Module):  # transformers before 5.25 took the cache only as past_key_values
         def forward(self, input_ids=None, past_key_values=None, use_cache=None):
             return past_key_values
 
-    assert scoring.cache_kwargs(OlderModel(), cache) == {"past_key_values": cache}
-    assert scoring.hooked_cache({"past_key_values": cache}) is cache
-    assert scoring.hooked_cache({"cache": cache, "past_key_values": None}) is cache
+    assert cache_kwargs(OlderModel(), cache) == {"past_key_values": cache}
+    assert hooked_cache({"past_key_values": cache}) is cache
+    assert hooked_cache({"cache": cache, "past_key_values": None}) is cache
     with pytest.raises(RuntimeError, match="KV cache"):
-        scoring.hooked_cache({"hidden_states": None})
+        hooked_cache({"hidden_states": None})

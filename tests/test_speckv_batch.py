@@ -8,7 +8,8 @@ from transformers import DynamicCache
 
 from draft_rag.decoding import forward_token, forward_tokens
 from draft_rag.generation import SpecKV, stack_caches
-from draft_rag.kv import METHODS, KVPeak, cache_bytes
+from draft_rag.hf import cache_bytes
+from draft_rag.kv import METHODS, KVPeak
 from draft_rag.scoring import prefill
 from tests.test_concurrency import run_in_threads
 from tests.test_speckv import LONG_PROMPT, PROSE

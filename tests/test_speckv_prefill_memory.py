@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from draft_rag.generation import SpecKV
-from draft_rag.kv import KVPeak, SnapKVEviction, SpecKVEviction, StreamingLLMEviction, cache_bytes
-from draft_rag.kv.base import evicting_layers, keep_layer_entries
+from draft_rag.hf import cache_bytes, keep_layer_entries
+from draft_rag.kv import KVPeak, SnapKVEviction, SpecKVEviction, StreamingLLMEviction
+from draft_rag.kv.base import evicting_layers
 from draft_rag.scoring import prefill
 from tests.test_speckv import LONG_PROMPT
 from tests.test_speckv_methods import random_ids

@@ -4,6 +4,7 @@
 - :mod:`draft_rag.bench.methods`: ``full``, prompt-side (SpecPC, its SnapKV-style ablation, truncation,
   embedding filter) and KV-side (SpecKV, SnapKV, StreamingLLM) methods behind one interface.
 - :mod:`draft_rag.bench.runner`: one JSON row per sample x method x budget, resumable.
+- :mod:`draft_rag.bench.hardware`: the hardware label every row records, so rows timed elsewhere are not mixed.
 - :mod:`draft_rag.bench.report`: ``summary.md`` (Wilson intervals), ``accuracy_vs_budget.png`` and
   ``accuracy_vs_time.png``.
 

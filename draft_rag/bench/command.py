@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from draft_rag.bench.hardware import hardware_label
 from draft_rag.bench.methods import KV_METHODS, METHODS
 from draft_rag.bench.tasks import DEFAULT_TASKS, TASKS
-from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, hardware_label
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
 if TYPE_CHECKING:
     from draft_rag.bench.runner import BenchConfig

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from draft_rag.decoding import as_messages, chat_prompt_ids
-from draft_rag.kv.base import KVEviction, KVPeak, Observers, kept_entries
+from draft_rag.hf import cache_from_tensors, cache_layers, kept_entries
+from draft_rag.kv.base import KVEviction, KVPeak, Observers
 from draft_rag.kv.speckv import draft_lookahead
 from draft_rag.scoring import ObserverScores, prefill
 
@@ -203,8 +204,6 @@ def _scorer_key(observers: Observers | None, with_lookahead: bool) -> tuple[Obse
 
 def _kept_cache(cache: Cache, keep: list[torch.Tensor]) -> Cache:
     """A new cache of the positions ``keep[layer]`` of each layer of ``cache`` (which is not changed)."""
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=[
-        kept_entries(layer, positions) for layer, positions in zip(cache.layers, keep, strict=True)
-    ])
+    return cache_from_tensors(
+        kept_entries(layer, positions) for layer, positions in zip(cache_layers(cache), keep, strict=True)
+    )

@@ -503,7 +503,7 @@ def llmlingua_compressors(worker: LLMLinguaWorker, tokenizer: Any) -> Callable[[
 
 def _llmlingua_worker(draft: LoadedModel) -> LLMLinguaWorker:
     """A (not yet started) worker for ``draft``, or MethodUnavailable saying what is missing."""
-    from draft_rag.models import PACKAGED_MODELS, ensure_packaged_model
+    from draft_rag.packaged import PACKAGED_MODELS, ensure_packaged_model
 
     python = llmlingua_python()
     if python is None:

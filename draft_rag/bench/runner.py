@@ -47,7 +47,7 @@ class BenchConfig:
         draft, target: names of the draft and target models.
         dtype: the models' dtype (``"float32"``, ``"bfloat16"``...), as :func:`draft_rag.models.load_model`
             chose it.
-        machine: the hardware the run is timed on (:func:`draft_rag.models.hardware_label`): seconds measured on
+        machine: the hardware the run is timed on (:func:`draft_rag.bench.hardware.hardware_label`): seconds measured on
             another machine are not comparable, so its rows are not reused.
         reverse: run the samples from the last one down (the order only, not a setting rows record), so that a
             run on a second kind of machine can fill the same samples from the other end without overlap.

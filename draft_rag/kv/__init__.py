@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from draft_rag.kv.base import KVEviction, KVPeak, Observers, cache_bytes
+from draft_rag.kv.base import KVEviction, KVPeak, Observers
 from draft_rag.kv.full import NoEviction
 from draft_rag.kv.snapkv import SnapKVEviction
 from draft_rag.kv.speckv import SpecKVEviction
@@ -21,5 +21,4 @@ __all__ = [
     "SnapKVEviction",
     "SpecKVEviction",
     "StreamingLLMEviction",
-    "cache_bytes",
 ]

@@ -27,14 +27,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from draft_rag.scoring import (
-    ObserverScores,
-    ScoreReduction,
-    attention_modules,
-    check_int,
-    hooked_cache,
-    prefill,
-)
+from draft_rag.checks import check_int
+from draft_rag.hf import attention_modules, cache_bytes, cache_layers, empty_cache, hooked_cache, keep_layer_entries
+from draft_rag.scoring import ObserverScores, ScoreReduction, prefill
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -123,9 +118,7 @@ class KVEviction:
         peak = peak if peak is not None else KVPeak()
         if not self.evicts(n):
             if n == 1:
-                from transformers import DynamicCache
-
-                return DynamicCache()
+                return empty_cache()
             cache, _ = prefill(model, prompt_ids[:, :-1], chunk_size=chunk_size or n - 1)
             peak.observe(cache)
             return cache
@@ -150,7 +143,7 @@ class KVEviction:
             else:
                 cache, _ = prefill(model, ids, chunk_size=chunk_size)
                 peak.observe(cache)
-                for index, layer in enumerate(cache.layers):
+                for index, layer in enumerate(cache_layers(cache)):
                     evict(layer, index)
         return cache
 
@@ -172,7 +165,7 @@ def evicting_layers(model: PreTrainedModel, evict: Callable[[Any, int], None], p
         if threading.get_ident() == thread:
             cache = hooked_cache(kwargs)
             peak.observe(cache)
-            evict(cache.layers[module.layer_idx], module.layer_idx)
+            evict(cache_layers(cache)[module.layer_idx], module.layer_idx)
 
     handles = [module.register_forward_hook(hook, with_kwargs=True) for module in attention_modules(model)]
     try:
@@ -201,36 +194,3 @@ class KVPeak:
     def count(self, nbytes: int) -> None:
         """Count ``nbytes`` of keys and values held now, plus ``held``, toward the peak."""
         self.bytes = max(self.bytes, self.held + nbytes)
-
-
-def cache_bytes(cache: Cache) -> int:
-    """Bytes of all keys and values held in ``cache``."""
-    return sum(layer_bytes(layer) for layer in cache.layers)
-
-
-def layer_bytes(layer: Any) -> int:
-    """Bytes of the keys and values held in one cache layer (0 for a layer not filled)."""
-    if getattr(layer, "keys", None) is None:
-        return 0
-    return int((layer.keys.numel() + layer.values.numel()) * layer.keys.element_size())
-
-
-def keep_layer_entries(layer: Any, keep: torch.Tensor) -> None:
-    """Keep only the sequence positions ``keep`` of each KV head in one cache layer, in place.
-
-    ``keep`` is ``[k]`` for every head alike or ``[batch, kv_heads, k]``.
-    """
-    layer.keys, layer.values = kept_entries(layer, keep)
-
-
-def kept_entries(layer: Any, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """New ``(keys, values)`` tensors of the positions ``keep`` of each KV head in one cache layer.
-
-    ``keep`` is ``[k]`` for every head alike or ``[batch, kv_heads, k]``; the layer is not changed.
-    """
-    batch, kv_heads, _, dim = layer.keys.shape
-    rows = keep.to(layer.keys.device).expand(batch, kv_heads, -1)
-    gather = rows[..., None].expand(-1, -1, -1, dim)
-    with torch.inference_mode():
-        return layer.keys.gather(2, gather), layer.values.gather(2, gather)
-

@@ -13,8 +13,9 @@ from typing import ClassVar
 
 import torch
 
+from draft_rag.checks import check_int
 from draft_rag.kv.base import KVEviction, Observers
-from draft_rag.scoring import Pool, ScoreReduction, check_int, pool_scores
+from draft_rag.scoring import Pool, ScoreReduction, pool_scores
 
 
 @dataclass

@@ -12,11 +12,12 @@ from dataclasses import dataclass, replace
 from itertools import takewhile
 from typing import TYPE_CHECKING, ClassVar
 
+from draft_rag.checks import check_int
 from draft_rag.decoding import Sampler, decode_steps
 from draft_rag.kv.base import Observers
 from draft_rag.kv.snapkv import SnapKVEviction
 from draft_rag.models import LoadedModel, stop_token_ids
-from draft_rag.scoring import check_int, prefill
+from draft_rag.scoring import prefill
 
 if TYPE_CHECKING:
     import torch

@@ -11,8 +11,8 @@ from typing import ClassVar
 
 import torch
 
+from draft_rag.checks import check_int
 from draft_rag.kv.base import KVEviction
-from draft_rag.scoring import check_int
 
 
 @dataclass

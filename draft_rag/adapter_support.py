@@ -1,11 +1,12 @@
-"""What the LangChain and LlamaIndex SpecPC adapters share: their SpecPC and the checks of what they are given.
+"""What the LangChain and LlamaIndex adapters share: their SpecPC and the checks of what they are given.
 
 Kept free of heavy imports at module level, so importing an adapter stays instant.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import difflib
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -85,3 +86,62 @@ def check_query(query: object, name: str, answers: str) -> str:
         msg = f"{name} is empty; pass the question the {answers} should answer."
         raise ValueError(msg)
     return query
+
+
+def check_keywords(kind: str, data: object, fields: Mapping[str, Any], ignored: Collection[str] = ()) -> None:
+    """Raise a TypeError for keywords that set none of ``fields``, or two keywords that set the same field.
+
+    ``data`` is what a pydantic adapter is constructed from, ``fields`` its ``model_fields``: a field is set by
+    its name or any of its aliases. The error names each unknown keyword with the closest accepted one, so a
+    typo fails at construction instead of leaving the default in place. ``ignored`` keys are let through (a
+    framework's own serialization may write them).
+    """
+    if not isinstance(data, Mapping):
+        return  # an instance or other input: pydantic validates it
+    names = {field: keyword_names(field, info) for field, info in fields.items()}
+    accepted = sorted(name for field_names in names.values() for name in field_names)
+    unknown = [key for key in data if key not in accepted and key not in ignored]
+    if unknown:
+        raise TypeError(unknown_keywords_message(kind, unknown, accepted))
+    for field_names in names.values():
+        given = [name for name in field_names if name in data]
+        if len(given) > 1:
+            msg = f"{kind} got both {given[0]} and {given[1]}; pass one of them (they mean the same)."
+            raise TypeError(msg)
+
+
+def keyword_names(name: str, field: Any) -> list[str]:
+    """The keywords that set a pydantic field: its name and its aliases (``alias``, ``validation_alias``)."""
+    aliases = [field.alias, *getattr(field.validation_alias, "choices", [field.validation_alias])]
+    return list(dict.fromkeys([name, *(alias for alias in aliases if isinstance(alias, str))]))
+
+
+def unknown_keywords_message(kind: str, unknown: Iterable[object], accepted: Sequence[str]) -> str:
+    """The error for ``unknown`` keywords given to ``kind``: each with the closest ``accepted`` name, then all."""
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), accepted, n=1)
+        named.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    noun = "an unknown keyword argument" if len(named) == 1 else "unknown keyword arguments"
+    return f"{kind} got {noun} {', '.join(named)}; it accepts {', '.join(accepted)}."
+
+
+def check_picklable(adapter: Any, *fields: str) -> None:
+    """Raise a TypeError naming the field when one of ``adapter``'s ``fields`` holds a loaded model.
+
+    Called when an adapter is pickled (sent to a worker process): a loaded model is not copied there (its
+    weights would travel with every task, and its lock cannot), so the model must be given by name or path,
+    which the worker loads itself. Without this check LlamaIndex would drop the field and the copy would
+    quietly load the packaged default model.
+    """
+    from draft_rag.models import LoadedModel
+
+    for field in fields:
+        if isinstance(getattr(adapter, field), LoadedModel):
+            kind = type(adapter).__name__
+            msg = (
+                f"{kind} cannot be pickled (e.g. sent to worker processes) while its {field} is a loaded model; "
+                f"give {field}= as a model name or a local path (a model saved with save_pretrained), which each "
+                "process loads itself."
+            )
+            raise TypeError(msg)

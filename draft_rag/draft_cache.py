@@ -182,6 +182,14 @@ class DraftCache:
             self._entries.clear()
             self._counts.update(dict.fromkeys(self._counts, 0))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the settings, not the entries held in memory (nor the lock).
+
+        A copy, e.g. one sent to a worker process, starts empty; with a ``directory`` it reads and writes the
+        same files, so what the workers encode is found by every process that uses the directory.
+        """
+        return (type(self), (self.max_bytes, self.directory))
+
     def add(
         self,
         draft: LoadedModel,

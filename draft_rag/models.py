@@ -192,6 +192,11 @@ class Lazy(Generic[T]):
         self._settings: object = None
         self._lock = threading.Lock()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A copy (pickled for a worker process, or deep-copied) starts empty and builds its own value on first
+        # use: neither the lock nor a loaded model travels with it.
+        return (type(self), ())
+
     def get(self, build: Callable[[], T], settings: object = None) -> T:
         """The value ``build()`` made for ``settings``, built again when ``settings`` differ from last time.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from functools import reduce
 from operator import add
 
@@ -296,6 +297,33 @@ def test_batch_is_one_batched_engine_call_with_a_run_per_input(chat, monkeypatch
     assert [m.content for m in chat.batch([MESSAGES, other], max_tokens=3)] == [
         chat.invoke(MESSAGES, max_tokens=3).content, chat.invoke(other, max_tokens=3).content
     ]
+
+
+def test_batched_answers_go_to_prompts_that_differ_only_by_a_chat_message_role(chat, monkeypatch):
+    from langchain_draft_rag import ChatDraftRAG
+
+    instruction = "Answer with the number only."
+    prompts = [[ChatMessage(role=role, content=instruction), MESSAGES[1]] for role in ("system", "user")]
+    alone = [chat.invoke(prompt).content for prompt in prompts]
+    assert alone[0] != alone[1], "the two roles must give different answers for this test to tell them apart"
+
+    # The per-prompt calls run in worker threads in any order: make the second prompt take its answer first,
+    # so that a key blind to the role hands it the first prompt's answer.
+    second_done = threading.Event()
+    original = ChatDraftRAG._generate
+
+    def second_first(self, messages, *args, **kwargs):
+        if messages[0].role == "system":
+            assert second_done.wait(60), "the second prompt's call did not run"
+            return original(self, messages, *args, **kwargs)
+        try:
+            return original(self, messages, *args, **kwargs)
+        finally:
+            second_done.set()
+
+    monkeypatch.setattr(ChatDraftRAG, "_generate", second_first)
+    result = asyncio.run(chat.agenerate(prompts))
+    assert [generations[0].text for generations in result.generations] == alone
 
 
 def test_batch_with_different_configs_or_exceptions_falls_back_per_input(chat, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole, TextBlock
@@ -107,6 +108,62 @@ def test_max_tokens_is_an_alias_and_unknown_options_raise(llm):
         asyncio.run(llm.acomplete(PROMPT, tool_choice="auto"))
     with pytest.raises(TypeError, match="both max_tokens and max_new_tokens"):
         llm.complete(PROMPT, max_tokens=3, max_new_tokens=4)
+
+
+def test_names_other_llama_index_llms_use_set_the_settings(tiny_pair, engine, monkeypatch):
+    from llama_index.llms.draft_rag import DraftRAGLLM
+
+    import draft_rag.generation
+    from draft_rag.models import LoadedModel
+
+    draft, target = tiny_pair
+
+    def no_loading(name, **kwargs):
+        assert isinstance(name, LoadedModel), f"{name} was loaded instead of the model given"
+        return name
+
+    monkeypatch.setattr(draft_rag.generation, "load_model", no_loading)
+    llm = DraftRAGLLM(model=target, draft=draft, max_tokens=5, **SETTINGS)
+    assert llm.engine.target is target
+    completion = llm.complete(PROMPT)
+    expected = engine.generate(PROMPT, max_new_tokens=5)
+    assert completion.text == expected.text
+    assert completion.additional_kwargs["completion_tokens"] == expected.completion_tokens == 5
+    assert llm.metadata.num_output == 5
+
+    other = DraftRAGLLM(model=target, draft=draft, num_output=3, temperature=0.7, context_window=100, **SETTINGS)
+    assert (other.metadata.num_output, other.metadata.context_window, other.temperature) == (3, 100, 0.7)
+    assert other.complete(PROMPT, seed=1).additional_kwargs["completion_tokens"] == 3
+
+
+def test_unknown_keywords_raise_naming_the_closest_setting(tiny_pair):
+    from llama_index.llms.draft_rag import DraftRAGLLM
+
+    draft, target = tiny_pair
+    with pytest.raises(TypeError, match=r"unknown keyword argument 'max_tokns' \(did you mean 'max_tokens'\?\)"):
+        DraftRAGLLM(model=target, draft=draft, max_tokns=5)
+    with pytest.raises(TypeError, match=r"unknown keyword arguments 'buget' \(did you mean 'budget'\?\), 'xyz'"):
+        DraftRAGLLM(model=target, buget=5, xyz=1)
+    with pytest.raises(TypeError, match="both target and model"):
+        DraftRAGLLM(target=target, model=target)
+    with pytest.raises(TypeError, match="both max_new_tokens and num_output"):
+        DraftRAGLLM(max_new_tokens=4, num_output=4)
+    with pytest.raises(TypeError, match=r"'temprature' \(did you mean 'temperature'"):
+        DraftRAGLLM.from_dict({"target": "some-target", "temprature": 0.5})
+    # What LlamaIndex's own serialization writes (the class name too) loads back.
+    assert DraftRAGLLM.model_validate_json(DraftRAGLLM(model="some-target").to_json()).target == "some-target"
+
+
+def test_pickles_its_settings_and_refuses_a_loaded_model(tiny_pair):
+    from llama_index.llms.draft_rag import DraftRAGLLM
+
+    draft, target = tiny_pair
+    llm = DraftRAGLLM(model="some-target", draft="some-draft", max_tokens=5, budget=12)
+    copy = pickle.loads(pickle.dumps(llm))
+    assert (copy.target, copy.draft, copy.max_new_tokens, copy.budget) == ("some-target", "some-draft", 5, 12)
+    # A loaded model does not travel: without the error the copy would load the packaged default instead.
+    with pytest.raises(TypeError, match="DraftRAGLLM cannot be pickled .* its target is a loaded model.*path"):
+        pickle.dumps(DraftRAGLLM(model=target, draft="some-draft"))
 
 
 def test_rejects_what_it_cannot_read(llm):

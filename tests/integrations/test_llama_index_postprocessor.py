@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pickle
 
 import pytest
 from llama_index.core.schema import (
@@ -114,6 +116,18 @@ def test_details_are_hidden_from_the_llm_and_the_embedder(postprocessor):
         assert "draft_rag" not in item.node.get_content(MetadataMode.EMBED)
 
 
+def test_unknown_keywords_raise_naming_the_closest_setting(tiny_draft):
+    from llama_index.postprocessor.draft_rag import DraftCacheWarmer, DraftNodePostprocessor
+
+    message = r"DraftNodePostprocessor got an unknown keyword argument 'budgt' \(did you mean 'budget'\?\)"
+    with pytest.raises(TypeError, match=message):
+        DraftNodePostprocessor(draft=tiny_draft, budgt=5)
+    with pytest.raises(TypeError, match=r"'specpc_kwarg' \(did you mean 'specpc_kwargs'\?\)"):
+        DraftNodePostprocessor.from_dict({"draft": "some-draft", "specpc_kwarg": {}})
+    with pytest.raises(TypeError, match="'cach'"):
+        DraftCacheWarmer(cached_postprocessor(tiny_draft), cach=None)
+
+
 def test_needs_the_query(postprocessor):
     with pytest.raises(ValueError, match="query"):
         postprocessor.postprocess_nodes(nodes())
@@ -202,3 +216,67 @@ def test_settings_serialize_the_cache_settings_not_its_entries():
     cache = DraftCache(max_bytes=1 << 20)
     warmer = DraftCacheWarmer(postprocessor=DraftNodePostprocessor(draft="some-draft", cache=cache))
     assert json.loads(warmer.to_json())["postprocessor"]["cache"] == "DraftCache(max_bytes=1048576, directory=None)"
+
+
+@pytest.fixture(scope="module")
+def saved_draft(tiny_draft, tmp_path_factory) -> str:
+    """The tiny draft saved as a model directory: a path by which another process loads the same model."""
+    path = tmp_path_factory.mktemp("draft")
+    tiny_draft.model.save_pretrained(path)
+    tiny_draft.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_warmer_pickles_its_settings_not_the_model_nor_the_entries(saved_draft, tiny_draft, tmp_path):
+    from llama_index.postprocessor.draft_rag import DraftCacheWarmer, DraftNodePostprocessor
+
+    cache = DraftCache(max_bytes=1 << 20, directory=tmp_path)
+    postprocessor = DraftNodePostprocessor(draft=saved_draft, budget=30, specpc_kwargs=SPECPC_KWARGS, cache=cache)
+    warmer = DraftCacheWarmer(postprocessor)
+    warmer([TextNode(text=TEXTS[0])])  # the draft is loaded and the cache holds entries
+    pickled = pickle.dumps(warmer)
+    model_bytes = sum(t.nbytes for t in tiny_draft.model.state_dict().values())
+    assert len(pickled) < model_bytes / 10, "the pickle must hold the settings, not the loaded draft"
+
+    copy = pickle.loads(pickled).postprocessor
+    assert copy.to_dict() == postprocessor.to_dict()
+    assert copy.cache is not cache
+    assert (copy.cache.max_bytes, copy.cache.directory, copy.cache.stats.entries) == (1 << 20, tmp_path, 0)
+    # The copy loads the draft again and finds on disk what the original read.
+    DraftCacheWarmer(copy)([TextNode(text=TEXTS[0])])
+    assert copy.cache.stats.misses == 0 and copy.cache.stats.hits > 0
+
+    with pytest.raises(TypeError, match="DraftNodePostprocessor cannot be pickled .* draft is a loaded model"):
+        pickle.dumps(DraftCacheWarmer(cached_postprocessor(tiny_draft)))
+
+
+def test_warmer_in_another_process_needs_a_cache_directory(saved_draft):
+    from llama_index.postprocessor.draft_rag import DraftCacheWarmer, DraftNodePostprocessor
+
+    warmer = DraftCacheWarmer(DraftNodePostprocessor(draft=saved_draft, cache=DraftCache()))
+    warmer._origin_pid = os.getpid() + 1  # as if it had been made in another process and pickled to this one
+    with pytest.raises(ValueError, match=r"another process.*has no directory.*DraftCache\(directory=\.\.\.\)"):
+        warmer([TextNode(text=TEXTS[0])])
+    assert warmer.postprocessor.cache.stats.misses == 0
+
+
+def test_ingestion_pipeline_workers_fill_the_shared_cache_directory(saved_draft, tmp_path):
+    from llama_index.core import Document
+    from llama_index.core.embeddings import MockEmbedding
+    from llama_index.core.ingestion import IngestionPipeline
+    from llama_index.postprocessor.draft_rag import DraftCacheWarmer, DraftNodePostprocessor
+
+    cache = DraftCache(directory=tmp_path)
+    postprocessor = DraftNodePostprocessor(draft=saved_draft, budget=30, specpc_kwargs=SPECPC_KWARGS, cache=cache)
+    # No text splitter: its tiktoken encoding, unpickled in a worker, downloads its vocabulary (tests run offline).
+    pipeline = IngestionPipeline(transformations=[MockEmbedding(embed_dim=8), DraftCacheWarmer(postprocessor)])
+    ingested = pipeline.run(documents=[Document(text=t) for t in TEXTS], num_workers=2)
+    assert [node.get_content() for node in ingested] == TEXTS
+    assert all(node.embedding for node in ingested)
+    # The workers read the nodes: none is in this process's memory, all are on disk with the template's opening.
+    assert cache.stats.entries == 0
+    assert len(list(tmp_path.glob("*.safetensors"))) == len(TEXTS) + 1
+
+    out = postprocessor.postprocess_nodes([NodeWithScore(node=node) for node in ingested], query_str=QUERY)
+    assert cache.stats.misses == 0 and cache.stats.hits == len(TEXTS) + 1
+    assert sum(item.node.metadata["draft_rag"]["kept_tokens"] for item in out) <= 30

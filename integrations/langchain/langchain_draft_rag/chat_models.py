@@ -309,7 +309,8 @@ class ChatDraftRAG(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        waiting = (_BATCHED.get() or {}).get(_prompt_key(messages))
+        batched = _BATCHED.get()
+        waiting = batched.get(_prompt_key(messages)) if batched else None
         if waiting:
             result = waiting.pop(0)
         else:
@@ -409,8 +410,13 @@ def usage(result: GenerationResult) -> UsageMetadata:
 
 
 def _prompt_key(messages: Sequence[BaseMessage]) -> str:
-    """A prompt's identity for matching batched answers to LangChain's per-prompt calls."""
-    return json.dumps([(m.type, m.content) for m in messages], sort_keys=True, default=str)
+    """A prompt's identity for matching batched answers to LangChain's per-prompt calls.
+
+    It is the prompt the engine is given (each message's chat-template role and text), so that two prompts
+    share a key exactly when they get the same answer: a ``ChatMessage`` role counts, as every other part of a
+    message that reaches the chat template does.
+    """
+    return json.dumps(to_chat_messages(messages))
 
 
 def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:

@@ -23,10 +23,12 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     TextBlock,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from pydantic import AliasChoices
 
+from draft_rag.adapter_support import check_keywords, check_picklable
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, Lazy
 
 if TYPE_CHECKING:
@@ -55,6 +57,10 @@ class DraftRAGLLM(CustomLLM):
     produced. Settings changed after the first call (``budget``, ``method``, ``draft``, ``speckv_kwargs``...)
     apply from the next call on.
 
+    At construction ``model`` is another name of ``target``, ``max_tokens`` and ``num_output`` of
+    ``max_new_tokens`` (the names other LlamaIndex LLMs use); any other unknown keyword raises ``TypeError``
+    naming it and the closest setting, rather than leaving a default in place.
+
     Per call, ``complete``/``chat`` and their stream and async forms accept ``max_new_tokens`` (alias
     ``max_tokens``), ``temperature``, ``top_p``, ``seed`` and ``stop``; any other keyword raises
     ``TypeError`` rather than being ignored (``complete`` also takes LlamaIndex's ``formatted``).
@@ -76,7 +82,8 @@ class DraftRAGLLM(CustomLLM):
 
     target: Any = Field(
         default=DEFAULT_TARGET,
-        description="Target model: a packaged name, a Hugging Face id, a local path, or a LoadedModel.",
+        validation_alias=AliasChoices("target", "model"),
+        description="Target model (alias model): a packaged name, a Hugging Face id, a local path, or a LoadedModel.",
     )
     draft: Any = Field(default=DEFAULT_DRAFT, description="Draft model for method='speckv'.")
     method: Literal["speckv", "snapkv", "streamingllm", "full"] = Field(
@@ -89,7 +96,10 @@ class DraftRAGLLM(CustomLLM):
         "its question, which comes last after a blank line) to this many tokens; None keeps the whole prompt.",
     )
     window_size: int = Field(default=32, gt=0, description="Last prompt positions that always stay.")
-    max_new_tokens: int = Field(default=256, gt=0, description="Most new tokens per answer.")
+    max_new_tokens: int = Field(
+        default=256, gt=0, validation_alias=AliasChoices("max_new_tokens", "max_tokens", "num_output"),
+        description="Most new tokens per answer (aliases max_tokens, num_output).",
+    )
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     stop: list[str] | None = Field(default=None, description="Strings that end the answer.")
@@ -106,6 +116,17 @@ class DraftRAGLLM(CustomLLM):
     @classmethod
     def class_name(cls) -> str:
         return "DraftRAGLLM"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_keywords(cls, data: Any) -> Any:
+        # LlamaIndex's to_dict() and to_json() add the class name to the settings.
+        check_keywords(cls.__name__, data, cls.model_fields, ignored=("class_name",))
+        return data
+
+    def __getstate__(self) -> dict[str, Any]:
+        check_picklable(self, "target", "draft")
+        return super().__getstate__()
 
     @property
     def metadata(self) -> LLMMetadata:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_serializer, field_validator
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_serializer, field_validator, model_validator
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import (
     BaseNode,
@@ -18,7 +18,15 @@ from llama_index.core.schema import (
     TextNode,
 )
 
-from draft_rag.adapter_support import adapter_specpc, check_list, check_query, checked_cache, require_cache
+from draft_rag.adapter_support import (
+    adapter_specpc,
+    check_keywords,
+    check_list,
+    check_picklable,
+    check_query,
+    checked_cache,
+    require_cache,
+)
 from draft_rag.models import DEFAULT_DRAFT, Lazy
 
 if TYPE_CHECKING:
@@ -46,10 +54,13 @@ class DraftNodePostprocessor(BaseNodePostprocessor):
     are not text (``ImageNode``, a multimodal ``Node`` or ``Document`` with an image, audio or video) are
     passed through as they are, in their place, and do not count against the budget. An empty list gives an
     empty list without loading the model. Settings changed after the first call (``budget``, ``draft``,
-    ``specpc_kwargs``...) apply from the next call on.
+    ``specpc_kwargs``...) apply from the next call on. An unknown keyword at construction raises ``TypeError``
+    naming it and the closest setting, rather than leaving a default in place.
 
     The draft model is loaded on first use, not at construction; one instance may serve many threads and
     tasks, and ``apostprocess_nodes`` runs the work in a worker thread so the event loop keeps running.
+    Pickled (e.g. for worker processes), it carries its settings, not the loaded model: each process loads the
+    draft itself, so the draft must be given by name or path there, not as a loaded model.
 
     Example:
         .. code-block:: python
@@ -107,6 +118,17 @@ class DraftNodePostprocessor(BaseNodePostprocessor):
     @classmethod
     def class_name(cls) -> str:
         return "DraftNodePostprocessor"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_keywords(cls, data: Any) -> Any:
+        # LlamaIndex's to_dict() and to_json() add the class name to the settings.
+        check_keywords(cls.__name__, data, cls.model_fields, ignored=("class_name",))
+        return data
+
+    def __getstate__(self) -> dict[str, Any]:
+        check_picklable(self, "draft")
+        return super().__getstate__()
 
     @property
     def specpc(self) -> SpecPC:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from typing import Any
 
-from llama_index.core.bridge.pydantic import Field, model_validator
+from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, model_validator
 from llama_index.core.schema import BaseNode, TransformComponent
 from llama_index.postprocessor.draft_rag.base import DraftNodePostprocessor, require_cache
 
@@ -25,6 +26,13 @@ class DraftCacheWarmer(TransformComponent):
     A pipeline with an ingestion cache skips a step whose output it already holds, this one included, so
     nodes ingested again from that cache are read by the draft at their first query instead (or found in the
     ``DraftCache``'s ``directory``, when it has one).
+
+    ``IngestionPipeline(num_workers=...)`` sends a pickled copy of the warmer to each worker process. The copy
+    carries the postprocessor's settings, not its loaded model nor the entries in memory: each worker loads the
+    draft itself (so give it by name or path, not as a loaded model) and writes what it reads into the
+    ``DraftCache``'s ``directory``, where the postprocessor finds it. The cache must therefore have a
+    ``directory``: a warmer called in another process than the one that made it raises ``ValueError`` without
+    one, since the entries would stay in that process.
 
     Draft cache:
         .. code-block:: python
@@ -55,6 +63,9 @@ class DraftCacheWarmer(TransformComponent):
         description="The postprocessor that will compress the retrieved nodes; it must have a cache."
     )
 
+    # Where the warmer was made: a copy called in another process can fill only a cache on disk.
+    _origin_pid: int = PrivateAttr(default_factory=os.getpid)
+
     def __init__(self, postprocessor: DraftNodePostprocessor) -> None:
         # mypy types the base's __init__ by the base's own fields (none); pydantic takes this one's by keyword.
         super().__init__(postprocessor=postprocessor)  # type: ignore[call-arg]
@@ -68,13 +79,31 @@ class DraftCacheWarmer(TransformComponent):
         require_cache(self.postprocessor, "DraftCacheWarmer")
         return self
 
+    # pydantic's own pickling, not LlamaIndex's: that one drops a field that fails to pickle (the postprocessor,
+    # this warmer's only setting) and runs __init__ again on loading (which would reset _origin_pid).
+    def __getstate__(self) -> dict[str, Any]:
+        return BaseModel.__getstate__(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        BaseModel.__setstate__(self, state)
+
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         """Read the text of ``nodes`` into the postprocessor's draft cache and return them unchanged.
 
         Raises:
-            ValueError: the postprocessor has no ``cache``, or a node is longer than the draft model's context.
+            ValueError: the postprocessor has no ``cache``, or a node is longer than the draft model's context,
+                or the warmer runs in another process than the one that made it and the cache has no directory.
             TypeError: ``nodes`` is not a list of nodes.
         """
+        cache = self.postprocessor.cache
+        if os.getpid() != self._origin_pid and cache is not None and cache.directory is None:
+            msg = (
+                "DraftCacheWarmer runs in another process than the one that made it (IngestionPipeline "
+                "num_workers > 1 runs it in worker processes), and its DraftCache has no directory: what it reads "
+                "here would never reach the postprocessor. Give the cache a directory that every process shares: "
+                "DraftCache(directory=...)."
+            )
+            raise ValueError(msg)
         self.postprocessor.warm(nodes)
         return nodes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draft_rag.generation import SpecKV
+from draft_rag.engine import SpecKV
 from draft_rag.kv import KVPeak, SnapKVEviction, SpecKVEviction, StreamingLLMEviction, cache_bytes
 from draft_rag.kv.base import evicting_layers, keep_layer_entries
 from draft_rag.scoring import prefill

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from draft_rag import SpecPC
-from draft_rag.specpc import CompressedDocument, fit_to_budget, snap_spans
+from draft_rag.specpc import CompressedDocument
+from draft_rag.specpc.selection import fit_to_budget
+from draft_rag.specpc.text import snap_spans
 from tests.tiny import tiny_model, tiny_tokenizer
 
 QUERY = "What is the special magic number?"

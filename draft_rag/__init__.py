@@ -20,8 +20,8 @@ _EXPORTS = {
     "CompressedDocument": "draft_rag.specpc",
     "ContextScores": "draft_rag.specpc",
     "DraftCache": "draft_rag.draft_cache",
-    "SpecKV": "draft_rag.generation",
-    "GenerationResult": "draft_rag.generation",
+    "SpecKV": "draft_rag.engine",
+    "GenerationResult": "draft_rag.engine",
     "LoadedModel": "draft_rag.models",
     "load_model": "draft_rag.models",
     "ScoreReduction": "draft_rag.scoring",
@@ -31,7 +31,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from draft_rag.draft_cache import DraftCache
-    from draft_rag.generation import GenerationResult, SpecKV
+    from draft_rag.engine import GenerationResult, SpecKV
     from draft_rag.models import LoadedModel, load_model
     from draft_rag.scoring import ObserverScores, ScoreReduction
     from draft_rag.specpc import CompressedDocument, CompressionResult, ContextScores, SpecPC

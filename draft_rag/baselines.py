@@ -17,13 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from draft_rag.checks import check_int
-from draft_rag.specpc import (
-    ELISION_MARKER,
-    CompressedDocument,
-    CompressionResult,
-    fit_to_budget,
-    join_spans,
-)
+from draft_rag.specpc import CompressedDocument, CompressionResult
+from draft_rag.specpc.selection import fit_to_budget
+from draft_rag.specpc.text import ELISION_MARKER, join_spans
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -6,10 +6,9 @@ position explicitly (RoPE stays the original one); the attention mask follows th
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -171,31 +170,6 @@ def _finite(name: str, value: object) -> float:
         msg = f"{name} must be a finite number, got {value}."
         raise ValueError(msg)
     return float(value)
-
-
-def decode_steps(
-    model: PreTrainedModel,
-    cache: Cache,
-    logits: torch.Tensor,
-    position: int,
-    sampler: Sampler,
-    max_new_tokens: int,
-    lock: contextlib.AbstractContextManager[Any] | None = None,
-) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` token ids, feeding each back at its true position.
-
-    ``logits`` are the last prompt position's; ``position`` is the true position of the first new token.
-    The model only runs for a token when the caller asks for the next one, so stopping early costs nothing.
-    ``lock`` (a model's lock) is held around each forward step only, never while a token is yielded.
-    """
-    guard = lock if lock is not None else contextlib.nullcontext()
-    for step in range(max_new_tokens):
-        token = sampler(logits)
-        yield token
-        if step + 1 == max_new_tokens:
-            return
-        with guard:
-            logits = forward_token(model, cache, token, position + step)
 
 
 def forward_token(model: PreTrainedModel, cache: Cache, token: int, position: int) -> torch.Tensor:

@@ -84,7 +84,7 @@ def test_kept_entries_equal_the_engines_own_eviction(tiny_pair, samples, name):
 
 
 def _settings(max_new_tokens):
-    from draft_rag.generation import _Settings
+    from draft_rag.engine.requests import _Settings
 
     return _Settings.check(max_new_tokens, 0.0, 1.0, None, None)
 

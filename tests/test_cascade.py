@@ -10,9 +10,9 @@ import torch
 from draft_rag import SpecPC
 from draft_rag.cascade import compress_prompt, split_context
 from draft_rag.decoding import as_messages
-from draft_rag.generation import SpecKV
+from draft_rag.engine import SpecKV
 from draft_rag.kv.speckv import draft_answer
-from draft_rag.specpc import _DraftPrompt
+from draft_rag.specpc.prompt import _DraftPrompt
 from tests.test_specpc import DOCS, QUERY, count
 from tests.tiny import tiny_model
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from draft_rag import SpecPC
-from draft_rag.generation import GenerationResult, SpecKV
+from draft_rag.engine import GenerationResult, SpecKV
 from tests.test_speckv import LONG_PROMPT
 from tests.test_specpc import DOCS, QUERY
 from tests.tiny import tiny_model

@@ -13,7 +13,7 @@ from draft_rag import DraftCache, LoadedModel, SpecPC, cli
 from draft_rag.draft_cache import CacheStats, _key, bytes_per_token
 from draft_rag.hf import rotate_keys
 from draft_rag.scoring import prefill
-from draft_rag.specpc import _DraftPrompt
+from draft_rag.specpc.prompt import _DraftPrompt
 from tests.tiny import tiny_model
 
 QUERY = "What is the special magic number for the word apple?"

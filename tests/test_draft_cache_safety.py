@@ -333,7 +333,7 @@ def test_warm_tokenizes_each_document_only_when_it_is_encoded(draft):
 
 
 def test_add_pulls_chunks_from_an_iterator_one_at_a_time(draft):
-    from draft_rag.specpc import _DraftPrompt
+    from draft_rag.specpc.prompt import _DraftPrompt
 
     prefix_ids, chunks = _DraftPrompt(draft.tokenizer, "", DOCS).cache_chunks()
     events = []

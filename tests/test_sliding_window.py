@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig
 
-from draft_rag.generation import SpecKV
+from draft_rag.engine import SpecKV
 from draft_rag.hf import check_supported
 from draft_rag.models import LoadedModel
 from draft_rag.scoring import ObserverScores, ScoreReduction, prefill

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from draft_rag.decoding import as_messages, chat_prompt_ids
-from draft_rag.generation import SpecKV
+from draft_rag.engine import SpecKV
 from draft_rag.kv import METHODS, SpecKVEviction
 from draft_rag.models import stop_token_ids
 

@@ -7,7 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from draft_rag.decoding import forward_token, forward_tokens
-from draft_rag.generation import SpecKV, stack_caches
+from draft_rag.engine import SpecKV
+from draft_rag.engine.batch import stack_caches
 from draft_rag.hf import cache_bytes
 from draft_rag.kv import METHODS, KVPeak
 from draft_rag.scoring import prefill

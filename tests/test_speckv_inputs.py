@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from draft_rag.generation import SpecKV
+from draft_rag.engine import SpecKV
 from tests.test_speckv import LONG_PROMPT
 from tests.tiny import no_forward, tiny_model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draft_rag.generation import SpecKV
+from draft_rag.engine import SpecKV
 from draft_rag.hf import cache_bytes, keep_layer_entries
 from draft_rag.kv import KVPeak, SnapKVEviction, SpecKVEviction, StreamingLLMEviction
 from draft_rag.kv.base import evicting_layers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import draft_rag.sparse_prefill as sparse
-from draft_rag.generation import SpecKV
+from draft_rag.engine import SpecKV
 from tests.test_speckv import LONG_PROMPT
 
 

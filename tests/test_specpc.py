@@ -11,7 +11,9 @@ import torch
 
 from draft_rag import DraftCache, LoadedModel, SpecPC
 from draft_rag.bench.tiny import CHATML
-from draft_rag.specpc import TEMPLATE_DATE, _template_parts, join_spans, select_tokens, snap_spans
+from draft_rag.specpc.prompt import TEMPLATE_DATE, _template_parts
+from draft_rag.specpc.selection import select_tokens
+from draft_rag.specpc.text import join_spans, snap_spans
 from tests.tiny import tiny_model, tiny_tokenizer
 
 QUERY = "What is the special magic number for the word apple?"
@@ -222,7 +224,7 @@ def test_snap_and_join_spans():
 
 
 def test_observers_from_the_question_equal_a_window_of_the_question_length(draft):
-    from draft_rag.specpc import _DraftPrompt
+    from draft_rag.specpc.prompt import _DraftPrompt
 
     prompt = _DraftPrompt(draft.tokenizer, QUERY, DOCS)
     question_window = len(prompt.input_ids) - prompt.question_start

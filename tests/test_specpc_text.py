@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from draft_rag import SpecPC
-from draft_rag.specpc import CompressedDocument, fit_to_budget, snap_spans
+from draft_rag.specpc import CompressedDocument
+from draft_rag.specpc.selection import fit_to_budget
+from draft_rag.specpc.text import ELISION_MARKER, join_spans, snap_spans
 from tests.tiny import tiny_model, tiny_tokenizer
 
 QUERY = "What is the special magic number?"
@@ -84,6 +90,29 @@ def test_snapping_stops_at_scripts_without_spaces_and_far_word_edges():
     assert snap_spans("alpha beta", [(7, 8)], reach=1) == [(6, 8)]  # "b" is 1 away, "ta" 2
     assert snap_spans("alpha beta", [(7, 8)], reach=2) == [(6, 10)]
     assert snap_spans("ที่นี่", [(0, 1)]) == [(0, 3)]  # combining marks stay with their base letter
+
+
+def test_snapping_and_joining_run_without_torch():
+    """The text step is pure Python: it imports and gives the same spans and text with torch unavailable."""
+    cases = [(ENGLISH, [(5, 7), (40, 42), (90, 91)]), (CHINESE, [(5, 6), (6, 8), (30, 33)]), ("ที่นี่ abc", [(0, 1)]),
+             ("see " + URL, [(5, 8)])]
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now raises ImportError
+from draft_rag.specpc.text import ELISION_MARKER, join_spans, snap_spans
+out = []
+for source, token_spans in {cases!r}:
+    spans = snap_spans(source, token_spans)
+    out.append((spans, join_spans(source, spans, ELISION_MARKER)))
+assert "torch" not in [name.split(".")[0] for name, module in sys.modules.items() if module is not None]
+print(repr(out))
+"""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, cwd=root)
+    assert run.returncode == 0, run.stderr
+    expected = [(spans, join_spans(source, spans, ELISION_MARKER))
+                for source, token_spans in cases for spans in [snap_spans(source, token_spans)]]
+    assert run.stdout.strip() == repr(expected)
 
 
 def test_whitespace_documents_take_no_budget(draft):

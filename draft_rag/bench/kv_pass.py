@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
 
     from draft_rag.bench.tasks import Sample
-    from draft_rag.generation import SpecKV
+    from draft_rag.engine import SpecKV
     from draft_rag.models import LoadedModel
 
 SHARED_PREFILL = "one target prefill per sample for every KV-side method and budget"

@@ -61,7 +61,7 @@ def build_prompt(query: str, context_files: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from draft_rag.generation import SpecKV
+    from draft_rag.engine import SpecKV
 
     prompt = build_prompt(args.query, args.context)
     engine = SpecKV(

@@ -9,15 +9,14 @@ re-tokenized with the target tokenizer, so draft and target need not share a tok
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from itertools import takewhile
 from typing import TYPE_CHECKING, ClassVar
 
 from draft_rag.checks import check_int
-from draft_rag.decoding import Sampler, decode_steps
 from draft_rag.kv.base import Observers
 from draft_rag.kv.snapkv import SnapKVEviction
 from draft_rag.models import LoadedModel, stop_token_ids
 from draft_rag.scoring import prefill
+from draft_rag.specpc.draft_pass import greedy_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -59,9 +58,7 @@ def draft_answer(
     """
     ids = prompt_ids.to(draft.device)
     cache, logits = prefill(draft.model, ids, chunk_size=chunk_size or ids.shape[1])
-    stop = set(stop_token_ids(draft))
-    steps = decode_steps(draft.model, cache, logits, ids.shape[1], Sampler(), max_tokens)
-    tokens = list(takewhile(lambda token: token not in stop, steps))
+    tokens = greedy_tokens(draft.model, cache, logits, max_tokens, set(stop_token_ids(draft)))
     return draft.tokenizer.decode(tokens, skip_special_tokens=True)
 
 

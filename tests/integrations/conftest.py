@@ -32,7 +32,7 @@ def engine(tiny_pair):
 
 def assert_models_load_on_first_call(monkeypatch, tiny_pair, make_adapter, call):
     """Constructing ``make_adapter(target_name, draft_name)`` loads nothing; the first ``call(adapter)`` loads both."""
-    import draft_rag.generation
+    import draft_rag.engine
 
     draft, target = tiny_pair
     loads = []
@@ -41,7 +41,7 @@ def assert_models_load_on_first_call(monkeypatch, tiny_pair, make_adapter, call)
         loads.append(name)
         return {"some-target": target, "some-draft": draft}[name]
 
-    monkeypatch.setattr(draft_rag.generation, "load_model", fake_load)
+    monkeypatch.setattr(draft_rag.engine, "load_model", fake_load)
     adapter = make_adapter("some-target", "some-draft")
     assert loads == []
     call(adapter)

@@ -113,7 +113,7 @@ def test_max_tokens_is_an_alias_and_unknown_options_raise(llm):
 def test_names_other_llama_index_llms_use_set_the_settings(tiny_pair, engine, monkeypatch):
     from llama_index.llms.draft_rag import DraftRAGLLM
 
-    import draft_rag.generation
+    import draft_rag.engine
     from draft_rag.models import LoadedModel
 
     draft, target = tiny_pair
@@ -122,7 +122,7 @@ def test_names_other_llama_index_llms_use_set_the_settings(tiny_pair, engine, mo
         assert isinstance(name, LoadedModel), f"{name} was loaded instead of the model given"
         return name
 
-    monkeypatch.setattr(draft_rag.generation, "load_model", no_loading)
+    monkeypatch.setattr(draft_rag.engine, "load_model", no_loading)
     llm = DraftRAGLLM(model=target, draft=draft, max_tokens=5, **SETTINGS)
     assert llm.engine.target is target
     completion = llm.complete(PROMPT)

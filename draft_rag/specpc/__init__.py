@@ -5,44 +5,43 @@ lookahead tokens the draft generates) pays to each document token decides which 
 token budget. The output is text, so any target model can read it.
 Based on https://arxiv.org/abs/2506.08373 (Draft-based Approximate Inference for LLMs).
 
-How tokens are picked, top to bottom in this file:
-1. ``_DraftPrompt`` lays the documents and the question into the draft's chat template, recording for
-   every document token its character span in its document.
-2. ``_score_context`` prefills the draft (chunked, no full-vocabulary logits) inside
+How tokens are picked, one module of this package per step:
+1. ``prompt``: ``_DraftPrompt`` lays the documents and the question into the draft's chat template,
+   recording for every document token its character span in its document.
+2. ``draft_pass``: the draft prefills the prompt (chunked, no full-vocabulary logits) inside
    :class:`~draft_rag.scoring.ObserverScores`; the observers are the last ``window_size`` prompt positions
    plus ``lookahead_tokens - 1`` greedy draft tokens. Scores are reduced over heads and observers, then
-   ``max`` over layers ``>= starting_layer_index``, then max/avg-pooled over positions. With a ``cache``
-   (:mod:`draft_rag.draft_cache`), the documents' cached K/V stand in for the prefill before the window.
-3. ``select_tokens`` walks document tokens by descending score and adds each one's centred neighbourhood
-   of ``neighbor_tokens`` until the budget is full.
-4. ``_rebuild`` turns kept tokens into character spans, widened a little to word edges (``snap_spans``),
-   joined by an elision marker. The result is re-counted with the target tokenizer (or the draft's), and
-   ``fit_to_budget`` searches for the largest selection whose text fits the budget.
-"""
+   ``max`` over layers ``>= starting_layer_index``. With a ``cache`` (:mod:`draft_rag.draft_cache`), the
+   documents' cached K/V stand in for the prefill before the window.
+3. ``selection``: scores are max/avg-pooled over positions; ``select_tokens`` walks document tokens by
+   descending score and adds each one's centred neighbourhood of ``neighbor_tokens`` until the budget is full.
+4. ``text`` (from ``SpecPC._rebuild`` here): kept tokens become character spans, widened a little to word
+   edges (``snap_spans``), joined by an elision marker. The result is re-counted with the target tokenizer
+   (or the draft's), and ``fit_to_budget`` searches for the largest selection whose text fits the budget.
 
+This module holds :class:`SpecPC` and its result types. No module of the package imports torch at load
+time, so ``text`` (pure Python) can be used without it.
+"""
 from __future__ import annotations
 
 import itertools
-import threading
 import time
-import unicodedata
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from draft_rag.checks import check_int, check_text
-from draft_rag.models import DEFAULT_DRAFT, LoadedModel, load_model, stop_token_ids
-from draft_rag.scoring import Pool, Reduction
+from draft_rag.models import DEFAULT_DRAFT, LoadedModel, load_model
+from draft_rag.specpc.draft_pass import score_prompt
+from draft_rag.specpc.prompt import _cache_chunks, _check_documents, _check_inputs, _check_length, _count, _DraftPrompt
+from draft_rag.specpc.selection import fit_to_budget, pool_context, select_tokens
+from draft_rag.specpc.text import ELISION_MARKER, join_spans, snap_spans
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-    from draft_rag.draft_cache import Chunk, DraftCache
-
-ELISION_MARKER = " … "
-"""Stands between kept spans, and at either end of a document where text was cut."""
+    from draft_rag.draft_cache import DraftCache
+    from draft_rag.scoring import Pool, Reduction
 
 SELECTION_SETTINGS = frozenset({"budget", "pool", "kernel_size", "neighbor_tokens", "document_boundaries",
                                 "elision_marker"})
@@ -50,27 +49,6 @@ SELECTION_SETTINGS = frozenset({"budget", "pool", "kernel_size", "neighbor_token
 alike, so the :class:`ContextScores` of one can be passed to the other's :meth:`SpecPC.select`."""
 
 _NOT_KNOBS = frozenset({"draft", "budget", "target_tokenizer", "device", "dtype", "progress", "cache"})
-
-SNAP_REACH = 16
-"""Most characters a kept span is widened by, at each end, to reach the edge of its word."""
-
-TEMPLATE_DATE = "26 Jul 2024"
-"""The date a chat template that asks for ``date_string`` (Llama 3.x's "Today Date") shows the draft."""
-
-# Each tokenizer's template parts, with the template they were rendered from. The parts are rendered once
-# per tokenizer and process because a template may render the clock (Llama 3.x calls strftime_now when no
-# date_string is given), and the prefix both lays out the draft prompt and keys the draft cache: rendered
-# on every call, each day (or second) would bring new cache keys and other output. The store is per
-# tokenizer, not per SpecPC, because the cascade makes a fresh SpecPC for every prompt (``replace``).
-_TEMPLATE_PARTS: weakref.WeakKeyDictionary[Any, tuple[Any, str, str]] = weakref.WeakKeyDictionary()
-_TEMPLATE_LOCK = threading.Lock()
-
-# Scripts written without spaces between words (by Unicode character-name prefix): there a whitespace
-# "word" can be a whole paragraph, so spans keep their token boundaries.
-_UNSPACED_SCRIPTS = (
-    "CJK", "IDEOGRAPHIC", "FULLWIDTH", "HIRAGANA", "KATAKANA", "HALFWIDTH KATAKANA", "BOPOMOFO",
-    "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN",
-)
 
 
 @dataclass(frozen=True)
@@ -250,6 +228,8 @@ class SpecPC:
     _counter: PreTrainedTokenizerBase | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        from draft_rag.checks import check_int, check_text
+
         minimums = {"budget": 1, "window_size": 1, "kernel_size": 1, "neighbor_tokens": 1, "chunk_size": 1,
                     "lookahead_tokens": 0, "starting_layer_index": 0}
         for name, minimum in minimums.items():
@@ -342,6 +322,8 @@ class SpecPC:
         of this instance or of one that differs only in :data:`SELECTION_SETTINGS`. The result's ``seconds``
         is the draft pass's time plus the selection's: what one :meth:`compress` call at that budget costs.
         """
+        from draft_rag.checks import check_int
+
         started = time.perf_counter()
         budget = self.budget if budget is None else budget
         check_int("SpecPC budget", budget, 1)
@@ -392,37 +374,17 @@ class SpecPC:
         if not any(doc.strip() for doc in documents):
             return
         draft = self.load()
-        chunks = self._cache_chunks(draft, documents)
+        chunks = _cache_chunks(draft, documents)
         prefix_ids, first = next(chunks)
         self.cache.add(draft, prefix_ids, itertools.chain([first], (chunk for _, chunk in chunks)),
                        chunk_size=self.chunk_size, progress=self.progress)
 
-    @staticmethod
-    def _cache_chunks(draft: LoadedModel, documents: Sequence[str]) -> Iterator[tuple[list[int], Chunk]]:
-        """The shared prefix's token ids and the cache chunk of each non-blank document, tokenized one by one
-        as they are asked for, each checked to fit the draft's context after the prefix."""
-        for index, doc in enumerate(documents):
-            if not doc.strip():
-                continue
-            prefix_ids, (chunk,) = _DraftPrompt(draft.tokenizer, "", [doc]).cache_chunks()
-            needed = len(prefix_ids) + len(chunk.input_ids)
-            if needed > draft.max_context:
-                preview = doc.strip()[:40] + ("..." if len(doc.strip()) > 40 else "")
-                msg = (
-                    f"documents[{index}] ({preview!r}) needs {needed} draft tokens after the chat template's "
-                    f"opening, more than the draft model's maximum context of {draft.max_context}; split it "
-                    "into smaller chunks."
-                )
-                raise ValueError(msg)
-            yield prefix_ids, chunk
-
     def _score_context(self, draft: LoadedModel, prompt: _DraftPrompt) -> tuple[torch.Tensor, list[int]]:
-        """Draft attention score of every prompt position ``[n]`` (not pooled), and the lookahead tokens generated."""
-        import torch
-        from tqdm.auto import tqdm
-
+        """Draft attention score of every prompt position ``[n]`` (not pooled), and the lookahead tokens generated:
+        the draft pass (:func:`~draft_rag.specpc.draft_pass.score_prompt`) with the observers, layers and
+        reductions of this instance's settings."""
         from draft_rag.hf import check_supported
-        from draft_rag.scoring import ObserverScores, ScoreReduction, prefill
+        from draft_rag.scoring import ScoreReduction
 
         model = draft.model
         n = len(prompt.input_ids)
@@ -433,28 +395,8 @@ class SpecPC:
         first_layer = min(self.starting_layer_index, num_layers - 1)
         reduction = ScoreReduction(self.reduction, self.observer_reduction, self.weighted_query,
                                    window if self.ramp_window_only else None)
-        ids = torch.tensor([prompt.input_ids], device=draft.device)
-        stops = set(stop_token_ids(draft))
-        scorer = ObserverScores(model, n - window, window + extra, reduction, range(first_layer, num_layers))
-        past = None
-        if self.cache is not None:  # the cached documents up to the window; only the rest runs below
-            prefix_ids, chunks = prompt.cache_chunks()
-            past = self.cache.context(draft, prefix_ids, chunks, n - window, chunk_size=self.chunk_size,
-                                      progress=self.progress)
-        start = 0 if past is None else past.get_seq_length()
-        with draft.lock, scorer, tqdm(total=n - start, desc="SpecPC draft prefill", unit="tok",
-                                      disable=None if self.progress is None else not self.progress) as bar:
-            cache, logits = prefill(model, ids[:, start:], past, chunk_size=self.chunk_size, progress=bar.update)
-            generated: list[int] = []
-            for _ in range(extra):
-                token = logits.argmax(dim=-1, keepdim=True)
-                if token.item() in stops:
-                    break
-                generated.append(int(token.item()))
-                _, logits = prefill(model, token, cache)
-        per_layer = scorer.scores()[:, 0, :, :n]  # [layers, kv_heads, n]
-        per_key = per_layer.amax(dim=1) if self.reduction == "max" else per_layer.mean(dim=1)
-        return per_key.amax(dim=0), generated
+        return score_prompt(draft, prompt, window, extra, reduction, range(first_layer, num_layers),
+                            cache=self.cache, chunk_size=self.chunk_size, progress=self.progress)
 
     def _fit_budget(
         self,
@@ -465,16 +407,7 @@ class SpecPC:
         budget: int,
     ) -> list[CompressedDocument]:
         """The documents rebuilt from the largest token selection whose text fits the budget."""
-        from draft_rag.scoring import pool_scores
-
-        segments = prompt.context_segments() if self.document_boundaries else None
-        if segments is None:
-            context_scores = pool_scores(scores, self.kernel_size, self.pool)[prompt.context_positions()]
-        else:
-            import torch
-
-            context = scores[prompt.context_positions()]
-            context_scores = torch.cat([pool_scores(context[a:b], self.kernel_size, self.pool) for a, b in segments])
+        context_scores, segments = pool_context(prompt, scores, self.kernel_size, self.pool, self.document_boundaries)
 
         def build(draft_budget: int) -> list[CompressedDocument]:
             kept = select_tokens(context_scores, draft_budget, self.neighbor_tokens, segments)
@@ -509,244 +442,6 @@ class SpecPC:
         return results
 
 
-def fit_to_budget(
-    build: Callable[[int], list[CompressedDocument]], budget: int
-) -> list[CompressedDocument]:
-    """The documents ``build(n)`` makes for the largest ``n <= budget`` whose kept tokens fit ``budget``.
-
-    ``build(n)`` keeps about ``n`` tokens, but its text can count more: elision markers, word snapping and
-    a different counting tokenizer all add tokens. ``n = budget`` is tried first (it usually fits), then a
-    binary search between 0 and ``budget`` (so at most about ``log2(budget)`` rebuilds, each
-    re-tokenising only the kept text), assuming that keeping more never yields fewer tokens.
-    ``build(0)`` must keep nothing.
-    """
-    fits, too_many = 0, budget + 1
-    best: list[CompressedDocument] | None = None
-    n = budget
-    while too_many - fits > 1:
-        documents = build(n)
-        if sum(d.kept_tokens for d in documents) <= budget:
-            fits, best = n, documents
-        else:
-            too_many = n
-        n = (fits + too_many) // 2
-    return best if best is not None else build(0)
-
-
-def select_tokens(
-    scores: torch.Tensor, budget: int, neighbor_tokens: int, segments: list[tuple[int, int]] | None = None
-) -> torch.Tensor:
-    """Indices (sorted) of at most ``budget`` positions: top scores, each with its centred neighbourhood.
-
-    Positions are visited by descending score (ties: earlier first); each visit adds the not-yet-kept
-    positions of ``[p - neighbor_tokens // 2, p - neighbor_tokens // 2 + neighbor_tokens)``, nearest to
-    ``p`` first, until ``budget`` positions are kept. With ``segments`` (``(start, end)`` ranges that
-    tile the positions, e.g. documents), a neighbourhood is clipped to the segment holding ``p``.
-    """
-    import torch
-
-    m = scores.shape[0]
-    budget = min(budget, m)
-    if budget <= 0:
-        return torch.zeros(0, dtype=torch.long)
-    order = torch.argsort(scores.float().cpu(), descending=True, stable=True)
-    if neighbor_tokens <= 1:
-        return order[:budget].sort().values
-    kept = torch.zeros(m, dtype=torch.bool)
-    count = 0
-    half = neighbor_tokens // 2
-    bounds = torch.zeros(m, 2, dtype=torch.long)
-    bounds[:, 1] = m
-    for start, end in segments or []:
-        bounds[start:end] = torch.tensor([start, end])
-    for center in order.tolist():
-        first, last = bounds[center].tolist()
-        lo, hi = max(center - half, first), min(center - half + neighbor_tokens, last)
-        window = torch.arange(lo, hi)
-        fresh = window[~kept[lo:hi]]
-        if fresh.numel() == 0:
-            continue
-        if count + fresh.numel() > budget:
-            nearest = torch.argsort((fresh - center).abs(), stable=True)[: budget - count]
-            fresh = fresh[nearest]
-        kept[fresh] = True
-        count += fresh.numel()
-        if count >= budget:
-            break
-    return kept.nonzero().flatten()
-
-
-def snap_spans(
-    source: str, token_spans: list[tuple[int, int]], reach: int = SNAP_REACH
-) -> list[tuple[int, int]]:
-    """Merge token character spans, widening each end to the edge of its word when that edge is near.
-
-    A word is a run of characters that are neither whitespace nor of a script written without spaces
-    (Chinese, Japanese, Thai...). An end moves at most ``reach`` characters to reach its word edge, else
-    it stays on the token boundary, so a URL, base64 or a paragraph of Chinese never pulls in more than
-    a few characters. Combining marks stay with their base character. Spans that touch, overlap or are
-    separated only by whitespace become one; leading and trailing whitespace is trimmed from each span.
-    """
-    snapped: list[tuple[int, int]] = []
-    for token_start, token_end in sorted(token_spans):
-        start = _word_start(source, token_start, reach)
-        end = _word_end(source, token_end, reach)
-        while start < end and source[start].isspace():
-            start += 1
-        while end > start and source[end - 1].isspace():
-            end -= 1
-        if start == end:
-            continue
-        if snapped and not source[snapped[-1][1] : start].strip():
-            snapped[-1] = (snapped[-1][0], max(end, snapped[-1][1]))
-        else:
-            snapped.append((start, end))
-    return snapped
-
-
-def _in_word(char: str) -> bool:
-    """True for a character of a space-delimited word: not whitespace, not of a script without spaces."""
-    return not char.isspace() and not unicodedata.name(char, "").startswith(_UNSPACED_SCRIPTS)
-
-
-def _is_mark(char: str) -> bool:
-    return unicodedata.category(char).startswith("M")
-
-
-def _word_start(source: str, start: int, reach: int) -> int:
-    """``start`` moved left to its word's first character if that is at most ``reach`` away."""
-    while 0 < start < len(source) and _is_mark(source[start]):
-        start -= 1
-    if start >= len(source) or not _in_word(source[start]):
-        return start
-    edge = start
-    while edge > 0 and _in_word(source[edge - 1]):
-        if start - edge == reach:
-            return start
-        edge -= 1
-    return edge
-
-
-def _word_end(source: str, end: int, reach: int) -> int:
-    """``end`` moved right past its word's last character if that is at most ``reach`` away."""
-    while end < len(source) and _is_mark(source[end]):
-        end += 1
-    if end == 0 or not _in_word(source[end - 1]):
-        return end
-    edge = end
-    while edge < len(source) and _in_word(source[edge]):
-        if edge - end == reach:
-            return end
-        edge += 1
-    return edge
-
-
-def join_spans(source: str, spans: list[tuple[int, int]], marker: str) -> str:
-    """The text of ``spans``, joined by ``marker``; a trimmed marker also stands where either end was cut."""
-    if not spans:
-        return ""
-    if spans == [(0, len(source))]:
-        return source
-    text = marker.join(source[s:e] for s, e in spans)
-    if source[: spans[0][0]].strip():
-        text = marker.lstrip() + text
-    if source[spans[-1][1] :].strip():
-        text = text + marker.rstrip()
-    return text
-
-
-class _DraftPrompt:
-    """Token ids of [chat template prefix, documents, question, template suffix] with document offsets.
-
-    Each document is tokenised on its own so that every one of its tokens maps to a character span of that
-    document. Whitespace-only documents are left out of the prompt (``offsets`` is None for them).
-    ``question_tokens`` counts what the prompt needs without any document: the template and the question.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, query: str, documents: Sequence[str]) -> None:
-        prefix, suffix = _template_parts(tokenizer)
-        self.documents = list(documents)
-        prefix_ids = _encode(tokenizer, prefix)
-        self.input_ids: list[int] = list(prefix_ids)
-        self.starts: list[int] = []
-        self.offsets: list[list[tuple[int, int]] | None] = []
-        for doc in documents:
-            if not doc.strip():
-                self.offsets.append(None)
-                continue
-            encoded = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)
-            self.starts.append(len(self.input_ids))
-            self.offsets.append([tuple(span) for span in encoded["offset_mapping"]])
-            self.input_ids += encoded["input_ids"] + _encode(tokenizer, "\n\n")
-        question_ids = _encode(tokenizer, f"Question: {query}{suffix}")
-        self.question_tokens = len(prefix_ids) + len(question_ids)
-        self.question_start = len(self.input_ids)
-        self.input_ids += question_ids
-
-    def context_positions(self) -> torch.Tensor:
-        """Prompt positions of all document tokens, document after document."""
-        import torch
-
-        lengths = [len(o) for o in self.offsets if o is not None]
-        return torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, lengths)])
-
-    def context_segments(self) -> list[tuple[int, int]]:
-        """Each non-blank document's ``(start, end)`` among the context positions, in order."""
-        segments, start = [], 0
-        for offsets in self.offsets:
-            if offsets is not None:
-                segments.append((start, start + len(offsets)))
-                start += len(offsets)
-        return segments
-
-    def cache_chunks(self) -> tuple[list[int], list[Chunk]]:
-        """The shared prefix's token ids and each non-blank document as a draft cache :class:`Chunk`.
-
-        A chunk holds the document's tokens and the separator after it, so the prompt is the prefix, the
-        chunks in order, then the question. Needs at least one non-blank document.
-        """
-        from draft_rag.draft_cache import Chunk
-
-        ends = [*self.starts[1:], self.question_start]
-        documents = [(doc, spans) for doc, spans in zip(self.documents, self.offsets) if spans is not None]
-        chunks = [Chunk(doc, self.input_ids[start:end], spans)
-                  for (doc, spans), start, end in zip(documents, self.starts, ends)]
-        return self.input_ids[: self.starts[0]], chunks
-
-
-def _template_parts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """The chat template's text before and after a single user message (plain text without a template).
-
-    Rendered once per tokenizer and template in a process (see ``_TEMPLATE_PARTS``), with ``date_string``
-    pinned to :data:`TEMPLATE_DATE`: transformers hands a template no function of ours, so ``strftime_now``
-    itself cannot be pinned, but Llama 3.x templates read ``date_string`` first, and with it their prefix,
-    and so their draft cache entries on disk, stay the same in every process on every day.
-    """
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return "", "\nAnswer:"
-    with _TEMPLATE_LOCK:
-        known = _TEMPLATE_PARTS.get(tokenizer)
-        if known is not None and known[0] == template:
-            return known[1], known[2]
-        marker = "\u2063DRAFT_RAG_CONTENT\u2063"
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True,
-            date_string=TEMPLATE_DATE,
-        )
-        prefix, suffix = str(rendered).split(marker)
-        _TEMPLATE_PARTS[tokenizer] = (template, prefix, suffix)
-        return prefix, suffix
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-
-def _count(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
-    return len(_encode(tokenizer, text))
-
-
 def _unchanged(source: str, tokens: int) -> CompressedDocument:
     spans = [(0, len(source))] if source else []
     return CompressedDocument(source, spans, tokens, tokens, blank=not source.strip())
@@ -755,53 +450,3 @@ def _unchanged(source: str, tokens: int) -> CompressedDocument:
 def _blank(tokens: int) -> CompressedDocument:
     """A whitespace-only document of ``tokens`` tokens, kept as nothing."""
     return CompressedDocument("", [], 0, tokens, blank=True)
-
-
-def _check_inputs(query: object, documents: object) -> None:
-    if not isinstance(query, str):
-        msg = f"query must be a string, got {type(query).__name__}."
-        raise TypeError(msg)
-    if not query.strip():
-        msg = "query is empty; SpecPC needs the question to decide what to keep."
-        raise ValueError(msg)
-    check_text("query", query)
-    _check_documents(documents)
-
-
-def _check_documents(documents: object) -> None:
-    if isinstance(documents, str) or not isinstance(documents, Sequence):
-        msg = (
-            f"documents must be a list of strings, got {type(documents).__name__}; "
-            "wrap a single document as [text]."
-        )
-        raise TypeError(msg)
-    for index, doc in enumerate(documents):
-        if not isinstance(doc, str):
-            msg = (
-                f"documents[{index}] must be a string, got {type(doc).__name__}; "
-                "pass the page text (e.g. Document.page_content)."
-            )
-            raise TypeError(msg)
-        check_text(f"documents[{index}]", doc)
-
-
-def _check_length(prompt: _DraftPrompt, draft: LoadedModel, lookahead_tokens: int) -> None:
-    lookahead = max(lookahead_tokens - 1, 0)
-    needed = len(prompt.input_ids) + lookahead
-    if needed <= draft.max_context:
-        return
-    if prompt.question_tokens + lookahead > draft.max_context:
-        msg = (
-            f"query needs {prompt.question_tokens + lookahead} draft tokens with the chat template, more "
-            f"than the draft model's maximum context of {draft.max_context} before any document. "
-            "Shorten the question; long material belongs in documents."
-        )
-        raise ValueError(msg)
-    longest = max(range(len(prompt.offsets)), key=lambda i: len(prompt.offsets[i] or []))
-    msg = (
-        f"documents need {needed} draft tokens with the question, more than the draft model's maximum "
-        f"context of {draft.max_context} (the longest is documents[{longest}] with "
-        f"{len(prompt.offsets[longest] or [])} tokens). Split long documents into smaller chunks or "
-        "retrieve fewer of them."
-    )
-    raise ValueError(msg)

@@ -3,7 +3,8 @@
 One generation, top to bottom:
 
 1. Draft (SpecKV only, and only when the prompt is longer than the budget): the draft model greedily
-   answers the prompt; the answer text is re-tokenized with the target tokenizer.
+   answers the prompt (:func:`~draft_rag.specpc.draft_pass.greedy_tokens`); the answer text is re-tokenized
+   with the target tokenizer.
 2. Target prefill of prompt + draft answer, with :class:`~draft_rag.scoring.ObserverScores` watching the
    last ``window_size + 1`` prompt positions and the draft answer. Per layer and KV head, the older prompt
    keys are scored (max over the group's query heads and the observers, max-pooled over positions).
@@ -25,42 +26,35 @@ other generation, and generations sharing a model interleave their steps, each o
 The baselines run in the same engine: ``snapkv`` (step 2 without a draft), ``streamingllm`` (attention
 sinks + most recent positions) and ``full`` (no eviction). The user's model is never changed: scoring hooks
 live only during the prefill.
+
+Where each part lives: this module holds the public :class:`SpecKV` (settings, ``generate``, ``stream``
+and the run of one call) and its result types; :mod:`~draft_rag.engine.requests` checks and tokenizes
+each prompt and readies its prefill (the cascade's SpecPC step, the draft's answer, sparse prefill);
+:mod:`~draft_rag.engine.batch` stacks the compressed caches and decodes them together.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypedDict, cast, overload
 
 import torch
-import torch.nn.functional as F
 
-from draft_rag.cascade import compress_prompt
 from draft_rag.checks import check_int
-from draft_rag.decoding import (
-    Sampler,
-    TextStream,
-    as_messages,
-    chat_prompt_ids,
-    forward_tokens,
-    stop_strings,
-)
-from draft_rag.hf import cache_bytes, check_supported, layer_bytes
+from draft_rag.decoding import TextStream
+from draft_rag.engine.batch import _Decoding, decode
+from draft_rag.engine.requests import Prompt, _Request, _Requests, _Settings
+from draft_rag.hf import cache_bytes
 from draft_rag.kv import METHODS, KVEviction, KVPeak
-from draft_rag.kv.speckv import answer_ids, draft_lookahead
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, LoadedModel, load_model, stop_token_ids
 from draft_rag.scoring import ScoreReduction
 
 if TYPE_CHECKING:
-    from transformers import Cache
     from typing_extensions import Unpack
 
     from draft_rag.specpc import CompressionResult, SpecPC
-
-Prompt = str | Sequence[dict[str, Any]]
 
 
 class GenerationSettings(TypedDict, total=False):
@@ -109,7 +103,7 @@ class GenerationResult:
     prompt_compression: CompressionResult | None = None
 
 
-class SpecKV:
+class SpecKV(_Requests):
     """Generation engine with draft-guided KV-cache eviction (SpecKV) and its baselines.
 
     Args:
@@ -317,64 +311,6 @@ class SpecKV:
         settings = _Settings.check(max_new_tokens, temperature, top_p, stop, seed)
         return _only_pieces(self._run([self._prepare(prompt, "prompt", settings)]))
 
-    def _prepare(self, prompt: Prompt, name: str, settings: _Settings) -> _Request:
-        """Check one prompt (``name`` in errors) and tokenize it for the target (and the draft, if it will run).
-
-        With the cascade, the draft's view of the whole prompt is checked here, and the target's after
-        SpecPC has shortened it (:meth:`_shorten`).
-        """
-        messages = as_messages(prompt, name)
-        if self.prompt_compressor is None:
-            return self._tokenize(messages, name, settings)
-        assert self.draft is not None
-        draft_ids = chat_prompt_ids(self.draft.tokenizer, messages)
-        _check_context(self.draft, draft_ids.shape[1], "draft", name)
-        check_supported(self.draft.model, draft_ids.shape[1] + self._lookahead_steps(settings))
-        return _Request(draft_ids[:, :0], None, 0, settings, messages=messages, name=name)
-
-    def _tokenize(
-        self, messages: list[dict[str, str]], name: str, settings: _Settings, drafted: str | None = None
-    ) -> _Request:
-        """The request for ``messages``; ``drafted`` is a draft answer already written (by the cascade)."""
-        prompt_ids = chat_prompt_ids(self.target.tokenizer, messages)
-        n = prompt_ids.shape[1]
-        _check_context(self.target, n, "target", name)
-        draft_ids, steps = None, 0
-        if self.draft is not None and self.eviction.uses_draft and self.eviction.evicts(n):
-            steps = self._lookahead_steps(settings)
-            if drafted is None:
-                draft_ids = chat_prompt_ids(self.draft.tokenizer, messages)
-                _check_context(self.draft, draft_ids.shape[1], "draft", name)
-                check_supported(self.draft.model, draft_ids.shape[1] + steps - 1, scoring=False)
-        check_supported(self.target.model, n + max(steps, settings.max_new_tokens - 1), scoring=self._reads_target(n))
-        return _Request(prompt_ids, draft_ids, steps, settings, drafted=drafted if steps else None)
-
-    def _reads_target(self, n: int) -> bool:
-        """Whether a prompt of ``n`` tokens has the target's attention read: scored by the eviction method, or
-        replaced by sparse prefill (the draft only generates its answer)."""
-        scored = self.eviction.evicts(n) and self.eviction.observers(n) is not None
-        return scored or self._sparse_sizes() is not None
-
-    def _sparse_sizes(self) -> tuple[int, int] | None:
-        """The sparse prefill's window and vertical sizes, or None when the target's prefill stays dense."""
-        if self.prefill_window_size is None or self.prefill_vertical_size is None or self.chunk_size is not None:
-            return None
-        return self.prefill_window_size, self.prefill_vertical_size
-
-    def _lookahead_steps(self, settings: _Settings) -> int:
-        """How many tokens the draft answers with for SpecKV (0 for methods without a draft)."""
-        if not self.eviction.uses_draft:
-            return 0
-        return getattr(self.eviction, "lookahead_tokens", None) or settings.max_new_tokens
-
-    def _shorten(self, request: _Request) -> _Request:
-        """The cascade's first stage: SpecPC shortens the prompt's context (its pass also drafts the answer)."""
-        assert self.prompt_compressor is not None and request.messages is not None
-        cascaded = compress_prompt(request.messages, self.prompt_compressor, self._lookahead_steps(request.settings))
-        shortened = self._tokenize(cascaded.messages, request.name, request.settings, cascaded.draft_answer)
-        shortened.compression = cascaded.compression
-        return shortened
-
     def _run(self, requests: list[_Request]) -> Generator[tuple[int, str], None, list[GenerationResult]]:
         """Answer ``requests`` together; yield ``(index, text piece)`` as text is settled; return the results."""
         target = self.target
@@ -401,219 +337,7 @@ class SpecKV:
             timings = {"compress_s": compress_s, "draft_s": drafted - began, "prefill_s": time.perf_counter() - drafted}
             text = TextStream(target.tokenizer, request.settings.stop)
             states.append(_Decoding(request, cache.get_seq_length(), timings, text))
-        peak.held = 0
-        cache, padding = stack_caches(caches, peak)
-
-        # Each step runs every unfinished prompt's newest token (first: its last prompt token).
-        active = list(range(len(states)))
-        while True:
-            with target.lock:
-                logits = forward_tokens(
-                    target.model, cache, [states[i].next_token for i in active],
-                    [states[i].next_position for i in active], padding,
-                )
-            if padding is not None:
-                padding = F.pad(padding, (0, 1), value=True)
-            peak.observe(cache)
-            for row, index in enumerate(active):
-                state = states[index]
-                for piece in state.take(state.request.sampler(logits[row : row + 1]), self._stop_ids):
-                    yield index, piece
-            running = [row for row, index in enumerate(active) if not states[index].done]
-            if not running:
-                break
-            if len(running) < len(active):
-                rows = torch.tensor(running, device=target.device)
-                cache.batch_select_indices(rows)
-                padding = None if padding is None else padding[rows]
-                active = [active[row] for row in running]
-        entry_bytes = cache_bytes(cache) // (len(active) * cache.get_seq_length())
-        return [state.result(start, entry_bytes, peak.bytes) for state in states]
-
-    def _sparse_prefill(
-        self, request: _Request, lookahead: torch.Tensor | None
-    ) -> contextlib.AbstractContextManager[None]:
-        """The sparse-prefill block for this request's target prefill, or a no-op when it stays dense."""
-        sizes = self._sparse_sizes()
-        if sizes is None:
-            return contextlib.nullcontext()
-        from draft_rag.sparse_prefill import sparse_prefill
-
-        n = request.prompt_ids.shape[1]
-        observers = self.eviction.observers(n) if self.eviction.evicts(n) else None
-        # The prompt's observers (or, for methods without scores, a window like SnapKV's) and the draft answer.
-        prompt_observers = n - observers.first if observers is not None else min(n, 33)
-        extra = lookahead.shape[1] if lookahead is not None and observers is not None and observers.lookahead else 0
-        return sparse_prefill(
-            self.target.model, num_observers=prompt_observers + extra, window_size=sizes[0], vertical_size=sizes[1]
-        )
-
-    def _draft_lookahead(self, request: _Request) -> torch.Tensor | None:
-        """The draft's answer in target tokens ``[1, L]``, or None when the draft does not run or says nothing."""
-        tokenizer = self.target.tokenizer
-        if request.drafted is not None:
-            lookahead = answer_ids(tokenizer, request.drafted)
-        elif self.draft is not None and request.draft_ids is not None:
-            lookahead = draft_lookahead(
-                self.draft, request.draft_ids, request.lookahead_steps, tokenizer, chunk_size=self.chunk_size
-            )
-        else:
-            return None
-        if lookahead is not None:
-            # Re-tokenized by another tokenizer, the answer can take more target tokens than the draft generated.
-            n = request.prompt_ids.shape[1]
-            check_supported(self.target.model, n + lookahead.shape[1], scoring=self._reads_target(n))
-        return lookahead
-
-
-def stack_caches(caches: list[Cache], peak: KVPeak) -> tuple[Cache, torch.Tensor | None]:
-    """The sequences of ``caches`` (each of batch 1) as one cache, left-padded to the longest.
-
-    Returns the cache and the padding mask ``[batch, longest]`` (False at padding), or None when no row is
-    padded. Each sequence's layer is released as soon as it is copied, so at most one layer exists twice;
-    ``peak`` counts that moment.
-    """
-    lengths = [cache.get_seq_length() for cache in caches]
-    longest = max(lengths)
-    if len(caches) == 1 or longest == 0:
-        return caches[0], None
-    base = caches[lengths.index(longest)]
-    stacked, unstacked = 0, sum(cache_bytes(cache) for cache in caches)
-    for index, layer in enumerate(base.layers):
-        own = [cache.layers[index] for cache, length in zip(caches, lengths, strict=True) if length]
-        empty = layer.keys[:, :, :0]
-        keys, values = (
-            torch.cat([
-                F.pad(getattr(cache.layers[index], kind) if length else empty, (0, 0, longest - length, 0))
-                for cache, length in zip(caches, lengths, strict=True)
-            ])
-            for kind in ("keys", "values")
-        )
-        copied = sum(layer_bytes(part) for part in own)
-        for part in own:
-            part.keys = part.values = None
-        layer.keys, layer.values = keys, values
-        stacked += layer_bytes(layer)
-        unstacked -= copied
-        # Until the copies were released this layer existed twice: stacked and in each sequence's own cache.
-        peak.count(stacked + unstacked + copied)
-    positions = torch.arange(longest)
-    padding = positions[None, :] >= longest - torch.tensor(lengths)[:, None]
-    return base, padding.to(base.layers[0].keys.device)
-
-@dataclass
-class _Settings:
-    """The checked decoding settings of one call, shared by all its prompts."""
-
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str]
-    seed: int | None
-
-    @classmethod
-    def check(
-        cls, max_new_tokens: int, temperature: float, top_p: float, stop: str | Sequence[str] | None, seed: int | None
-    ) -> _Settings:
-        """The settings, or the error that names the first malformed one."""
-        check_int("max_new_tokens", max_new_tokens, 1)
-        Sampler(temperature, top_p, seed)
-        return cls(max_new_tokens, temperature, top_p, stop_strings(stop), seed)
-
-
-@dataclass
-class _Request:
-    """One checked prompt: target (and draft) prompt tokens, the call's settings and its own sampler."""
-
-    prompt_ids: torch.Tensor
-    draft_ids: torch.Tensor | None
-    lookahead_steps: int
-    settings: _Settings
-    messages: list[dict[str, str]] | None = None  # set while the cascade has yet to shorten the prompt
-    name: str = "prompt"
-    drafted: str | None = None  # a draft answer already written (by the cascade's SpecPC pass)
-    compression: CompressionResult | None = None
-    sampler: Sampler = field(init=False)
-
-    def __post_init__(self) -> None:
-        # Each prompt samples with its own generator, so a batch samples like one-by-one calls.
-        self.sampler = Sampler(self.settings.temperature, self.settings.top_p, self.settings.seed)
-
-
-@dataclass
-class _Decoding:
-    """One prompt from its compressed cache on: what it generated so far, and at the end its result."""
-
-    request: _Request
-    kept: int
-    timings: dict[str, float]
-    text: TextStream
-    tokens: list[int] = field(default_factory=list)
-    pieces: list[str] = field(default_factory=list)
-    finish: str = "length"
-    done: bool = False
-    first_token_at: float = 0.0
-    end: float = 0.0
-
-    @property
-    def prompt_tokens(self) -> int:
-        return int(self.request.prompt_ids.shape[1])
-
-    @property
-    def next_token(self) -> int:
-        """The token to run next: the newest generated one, or before any the last prompt token."""
-        return self.tokens[-1] if self.tokens else int(self.request.prompt_ids[0, -1])
-
-    @property
-    def next_position(self) -> int:
-        """The true position of :attr:`next_token`."""
-        return self.prompt_tokens - 1 + len(self.tokens)
-
-    def take(self, token: int, stop_ids: set[int]) -> list[str]:
-        """Add a generated token; return the text pieces it settles. Sets ``done`` when the prompt is finished."""
-        self.tokens.append(token)
-        if len(self.tokens) == 1:
-            self.first_token_at = time.perf_counter()
-        pieces = []
-        if token in stop_ids:
-            self.finish = "stop"
-        else:
-            pieces.append(self.text.push(token))
-            if self.text.stopped:
-                self.finish = "stop"
-        if self.finish == "stop" or len(self.tokens) == self.request.settings.max_new_tokens:
-            self.done = True
-            pieces.append(self.text.flush())
-            self.end = time.perf_counter()
-        pieces = [piece for piece in pieces if piece]
-        self.pieces += pieces
-        return pieces
-
-    def result(self, start: float, entry_bytes: int, peak_bytes: int) -> GenerationResult:
-        """The finished generation; ``start`` is the call's start, ``entry_bytes`` one position's KV bytes."""
-        decode_s = self.end - self.first_token_at
-        steps = len(self.tokens) - 1
-        timings = {
-            **self.timings,
-            "ttft_s": self.first_token_at - start,
-            "decode_s": decode_s,
-            "tokens_per_s": steps / decode_s if steps and decode_s > 0 else 0.0,
-        }
-        kept = self.kept + 1  # the last prompt token joined the compressed cache
-        return GenerationResult(
-            text="".join(self.pieces),
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=len(self.tokens),
-            finish_reason=self.finish,
-            kv_entries_kept=kept,
-            kv_entries_full=self.prompt_tokens,
-            kv_bytes_kept=kept * entry_bytes,
-            kv_bytes_full=self.prompt_tokens * entry_bytes,
-            peak_kv_bytes=peak_bytes,
-            timings=timings,
-            token_ids=self.tokens,
-            prompt_compression=self.request.compression,
-        )
+        return (yield from decode(target, caches, states, peak, self._stop_ids, start))
 
 
 def _is_batch(prompt: object) -> bool:
@@ -633,16 +357,6 @@ def _only_pieces(
         yield piece
 
 
-def _check_context(model: LoadedModel, tokens: int, role: str, name: str) -> None:
-    """Raise when prompt ``name`` of ``tokens`` tokens does not fit the ``role`` (target or draft) model's context."""
-    if tokens > model.max_context:
-        msg = (
-            f"{name} has {tokens} tokens in the {role} model {model.name!r}, over its context of "
-            f"{model.max_context} tokens; shorten the prompt or use a {role} model with a longer context."
-        )
-        raise ValueError(msg)
-
-
 def build_eviction(method: str, **knobs: Any) -> KVEviction:
     """The eviction method named ``method``, configured with those ``knobs`` that it has."""
     if method not in METHODS:
@@ -651,4 +365,3 @@ def build_eviction(method: str, **knobs: Any) -> KVEviction:
     cls = METHODS[method]
     own = {f.name for f in fields(cls) if f.init}
     return cls(**{name: value for name, value in knobs.items() if name in own})
-

@@ -1,0 +1,102 @@
+"""Token selection: draft scores pooled per document, the best tokens with their neighbourhoods, fit to the budget.
+
+torch is imported where it is used, so that importing :mod:`draft_rag.specpc` does not load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from draft_rag.scoring import Pool
+    from draft_rag.specpc import CompressedDocument
+    from draft_rag.specpc.prompt import _DraftPrompt
+
+
+def pool_context(
+    prompt: _DraftPrompt, scores: torch.Tensor, kernel_size: int, pool: Pool, document_boundaries: bool
+) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
+    """The pooled score of every document token of ``prompt``, document after document, and the documents'
+    ``(start, end)`` among them when ``document_boundaries`` keeps pooling (and neighbourhoods) within each
+    document (None otherwise: pooled over the whole prompt)."""
+    from draft_rag.scoring import pool_scores
+
+    segments = prompt.context_segments() if document_boundaries else None
+    if segments is None:
+        context_scores = pool_scores(scores, kernel_size, pool)[prompt.context_positions()]
+    else:
+        import torch
+
+        context = scores[prompt.context_positions()]
+        context_scores = torch.cat([pool_scores(context[a:b], kernel_size, pool) for a, b in segments])
+    return context_scores, segments
+
+
+def select_tokens(
+    scores: torch.Tensor, budget: int, neighbor_tokens: int, segments: list[tuple[int, int]] | None = None
+) -> torch.Tensor:
+    """Indices (sorted) of at most ``budget`` positions: top scores, each with its centred neighbourhood.
+
+    Positions are visited by descending score (ties: earlier first); each visit adds the not-yet-kept
+    positions of ``[p - neighbor_tokens // 2, p - neighbor_tokens // 2 + neighbor_tokens)``, nearest to
+    ``p`` first, until ``budget`` positions are kept. With ``segments`` (``(start, end)`` ranges that
+    tile the positions, e.g. documents), a neighbourhood is clipped to the segment holding ``p``.
+    """
+    import torch
+
+    m = scores.shape[0]
+    budget = min(budget, m)
+    if budget <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    order = torch.argsort(scores.float().cpu(), descending=True, stable=True)
+    if neighbor_tokens <= 1:
+        return order[:budget].sort().values
+    kept = torch.zeros(m, dtype=torch.bool)
+    count = 0
+    half = neighbor_tokens // 2
+    bounds = torch.zeros(m, 2, dtype=torch.long)
+    bounds[:, 1] = m
+    for start, end in segments or []:
+        bounds[start:end] = torch.tensor([start, end])
+    for center in order.tolist():
+        first, last = bounds[center].tolist()
+        lo, hi = max(center - half, first), min(center - half + neighbor_tokens, last)
+        window = torch.arange(lo, hi)
+        fresh = window[~kept[lo:hi]]
+        if fresh.numel() == 0:
+            continue
+        if count + fresh.numel() > budget:
+            nearest = torch.argsort((fresh - center).abs(), stable=True)[: budget - count]
+            fresh = fresh[nearest]
+        kept[fresh] = True
+        count += fresh.numel()
+        if count >= budget:
+            break
+    return kept.nonzero().flatten()
+
+
+def fit_to_budget(
+    build: Callable[[int], list[CompressedDocument]], budget: int
+) -> list[CompressedDocument]:
+    """The documents ``build(n)`` makes for the largest ``n <= budget`` whose kept tokens fit ``budget``.
+
+    ``build(n)`` keeps about ``n`` tokens, but its text can count more: elision markers, word snapping and
+    a different counting tokenizer all add tokens. ``n = budget`` is tried first (it usually fits), then a
+    binary search between 0 and ``budget`` (so at most about ``log2(budget)`` rebuilds, each
+    re-tokenising only the kept text), assuming that keeping more never yields fewer tokens.
+    ``build(0)`` must keep nothing.
+    """
+    fits, too_many = 0, budget + 1
+    best: list[CompressedDocument] | None = None
+    n = budget
+    while too_many - fits > 1:
+        documents = build(n)
+        if sum(d.kept_tokens for d in documents) <= budget:
+            fits, best = n, documents
+        else:
+            too_many = n
+        n = (fits + too_many) // 2
+    return best if best is not None else build(0)

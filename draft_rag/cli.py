@@ -1,4 +1,4 @@
-"""The ``draft-rag`` command line: ``demo``, ``compress``, ``index``, ``ask`` and ``bench``.
+"""The ``draft-rag`` command line: ``demo``, ``compress``, ``index``, ``ask``, ``bench`` and ``serve``.
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``; those
 modules import torch and transformers only inside ``run`` so that ``draft-rag --help`` stays instant.
@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("draft_rag.commands.index", "encode documents into a draft cache directory for later compressions"),
     "ask": ("draft_rag.commands.ask", "answer a question with SpecKV (or a baseline) KV-cache eviction"),
     "bench": ("draft_rag.bench.command", "benchmark accuracy, latency and memory against baselines"),
+    "serve": ("draft_rag.commands.serve", "OpenAI-compatible gateway: compress retrieved documents, forward upstream"),
 }
 
 

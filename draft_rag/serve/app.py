@@ -1,0 +1,296 @@
+"""The gateway's ASGI app: routes, authentication, and one error shape for every failure.
+
+Routes: ``POST /v1/chat/completions`` (documents compressed, then forwarded; streaming and not),
+``GET /v1/models`` (forwarded), ``GET /health`` (200 once the draft is loaded, 503 before) and
+``GET /metrics`` (Prometheus). Every error is an OpenAI error body; an unexpected failure is a 500 whose body
+says no more than that (the traceback goes to the gateway's log).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from draft_rag.serve.compression import Compression, CompressionStats
+from draft_rag.serve.documents import find_documents, has_gateway_fields, rewrite
+from draft_rag.serve.metrics import Metrics
+from draft_rag.serve.protocol import ErrorDetail, ErrorResponse, GatewayError, parse_request
+from draft_rag.serve.settings import GatewaySettings
+from draft_rag.serve.upstream import RelayResponse, Upstream, response_headers
+
+if TYPE_CHECKING:
+    from draft_rag import SpecPC
+
+logger = logging.getLogger("draft_rag.serve")
+
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    specpc: SpecPC | None = None,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """The gateway for ``settings``, ready for any ASGI server (``uvicorn.run(create_app(settings))``).
+
+    The draft loads in the background once the app starts; ``/health`` answers 503 until it has.
+
+    Args:
+        settings: where to forward, budgets, keys, limits.
+        specpc: the compressor to use instead of one built from ``settings`` (whose ``budget``, ``draft``,
+            ``dtype``, ``device``, ``target_tokenizer`` and ``cache_dir`` then do not apply): e.g. one sharing a
+            draft already loaded.
+        upstream_transport: an httpx transport to reach the upstream through instead of the network.
+    """
+    gateway = Gateway(settings, specpc if specpc is not None else build_specpc(settings), upstream_transport)
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+            Route("/v1/models", gateway.models, methods=["GET"]),
+            Route("/health", gateway.health, methods=["GET"]),
+            Route("/metrics", gateway.metrics_text, methods=["GET"]),
+        ],
+        middleware=[Middleware(CountRequests, metrics=gateway.metrics)],
+        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _unexpected_error},
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """The app for ``uvicorn ... --factory`` in each worker of ``draft-rag serve --workers N``."""
+    return create_app(GatewaySettings.from_environment())
+
+
+def build_specpc(settings: GatewaySettings) -> SpecPC:
+    """SpecPC as ``settings`` describe it, with a draft cache (in memory, and in ``cache_dir`` when set)."""
+    from draft_rag import DraftCache, SpecPC
+
+    return SpecPC(
+        draft=settings.draft, budget=settings.budget, target_tokenizer=settings.target_tokenizer,
+        dtype=settings.dtype, device=settings.device, progress=False, cache=DraftCache(directory=settings.cache_dir),
+    )
+
+
+class Gateway:
+    """The route handlers and what they share: settings, the compression thread, the upstream client, metrics."""
+
+    def __init__(
+        self, settings: GatewaySettings, specpc: SpecPC, upstream_transport: httpx.AsyncBaseTransport | None
+    ) -> None:
+        self.settings = settings
+        self.compression = Compression(specpc, settings.queue_size)
+        self.metrics = Metrics(lambda: self.compression.pending, self.compression.loaded.is_set)
+        self._upstream_transport = upstream_transport
+        self._upstream: Upstream | None = None
+
+    @property
+    def upstream(self) -> Upstream:
+        if self._upstream is None:
+            msg = "the gateway has not started: serve the app with an ASGI server that runs its lifespan."
+            raise RuntimeError(msg)
+        return self._upstream
+
+    async def start(self) -> None:
+        # The client is made here, on the serving event loop, and closed with it.
+        self._upstream = Upstream(self.settings, self._upstream_transport)
+        self.compression.start_loading()
+        logger.info("draft-rag gateway forwarding to %s", self.settings.upstream)
+
+    async def stop(self) -> None:
+        await self.upstream.aclose()
+        self.compression.close()
+
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await _read_body(request, self.settings.max_request_bytes)
+        data, parsed = parse_request(body)
+        found = find_documents(data, parsed.documents or ())
+        stats: CompressionStats | None = None
+        if found.documents or has_gateway_fields(data):
+            if parsed.documents and found.question_message is None:
+                raise GatewayError(400, "The 'documents' field needs a user message to be written into.",
+                                   param="messages", code="invalid_value")
+            texts = found.texts
+            compress = parsed.draft_rag is None or parsed.draft_rag.compress
+            if found.documents and compress:
+                if not found.question:
+                    message = ("The last user message has no question outside its documents; SpecPC needs the "
+                               "question to decide what to keep.")
+                    raise GatewayError(400, message, param="messages", code="invalid_value")
+                budget = parsed.draft_rag.budget if parsed.draft_rag is not None else None
+                texts, stats = await self.compression.compress(found.question, texts, budget)
+                self.metrics.compression(stats)
+                logger.info("compressed %d documents: %d -> %d tokens in %.3f s (cache %d hits, %d misses)",
+                            len(texts), stats.context_tokens_before, stats.context_tokens_after, stats.compress_s,
+                            stats.cache_hits, stats.cache_misses)
+            # Compact separators; non-ASCII text stays UTF-8 as the client sent it.
+            body = json.dumps(rewrite(data, found, texts), ensure_ascii=False, separators=(",", ":")).encode()
+        extra = stats.headers() if stats is not None else {}
+        headers = self.upstream.headers(request.headers)
+        if parsed.stream:
+            upstream = await self._send("POST", "/chat/completions", headers, body, stream=True)
+            if upstream.status_code < 400:
+                return RelayResponse(upstream, {**response_headers(upstream), **extra}, self.metrics.upstream_error)
+            try:
+                await upstream.aread()
+            except httpx.HTTPError as error:
+                raise _stream_cut(error, self.metrics) from None
+            finally:
+                await upstream.aclose()
+            return self._answer(upstream, None, extra)
+        return self._answer(await self._send("POST", "/chat/completions", headers, body), stats, extra)
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        return self._answer(await self._send("GET", "/models", self.upstream.headers(request.headers)), None, {})
+
+    async def health(self, _: Request) -> Response:
+        if self.compression.loaded.is_set():
+            return JSONResponse({"status": "ok"})
+        if self.compression.load_error is not None:
+            return JSONResponse({"status": "error", "error": self.compression.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+
+    async def metrics_text(self, _: Request) -> Response:
+        return Response(self.metrics.render(), media_type=Metrics.content_type)
+
+    def _authorize(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None:
+            return
+        sent = request.headers.get("authorization", "")
+        # Constant-time comparison: the time taken says nothing about how much of a guess was right.
+        if not hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+            raise GatewayError(401, "Missing or wrong API key: send 'Authorization: Bearer <the gateway's key>'.",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _send(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None = None, *, stream: bool = False
+    ) -> httpx.Response:
+        try:
+            return await self.upstream.send(method, path, headers, body, stream=stream)
+        except GatewayError as error:
+            self.metrics.upstream_error(str(error.detail.code).removeprefix("upstream_"))
+            raise
+
+    def _answer(self, upstream: httpx.Response, stats: CompressionStats | None, extra: dict[str, str]) -> Response:
+        """The upstream's answer for the client: unchanged, or with the ``draft_rag`` object when compressed."""
+        headers = {**response_headers(upstream), **extra}
+        if upstream.status_code >= 400:
+            self.metrics.upstream_error(f"status_{upstream.status_code // 100}xx")
+            return Response(upstream.content, upstream.status_code, headers)
+        if stats is None:
+            return Response(upstream.content, upstream.status_code, headers)
+        try:
+            answer = json.loads(upstream.content)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            answer = None
+        if not isinstance(answer, dict):
+            self.metrics.upstream_error("invalid_response")
+            raise GatewayError(502, "The upstream server answered with something other than a JSON object.",
+                               type="upstream_error", code="upstream_invalid_response", headers=extra)
+        answer["draft_rag"] = stats.as_dict()
+        headers["content-type"] = "application/json"
+        return Response(json.dumps(answer, ensure_ascii=False).encode(), upstream.status_code, headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it is known to exceed ``limit`` bytes."""
+    too_large = GatewayError(413, f"The request body is larger than the gateway's limit of {limit} bytes.",
+                             code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _stream_cut(error: httpx.HTTPError, metrics: Metrics) -> GatewayError:
+    metrics.upstream_error("stream_cut")
+    return GatewayError(502, f"The upstream server broke off its answer ({type(error).__name__}).",
+                        type="upstream_error", code="upstream_stream_cut")
+
+
+class CountRequests:
+    """Counts every answered request by route and status code, errors included."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.request(scope["path"] if scope["path"] in ROUTES else "other", status)
+
+
+def _error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> Response:
+    return Response(ErrorResponse(error=detail).model_dump_json(), status, headers, media_type="application/json")
+
+
+async def _gateway_error(_: Request, error: Exception) -> Response:
+    assert isinstance(error, GatewayError)
+    return _error_response(error.status, error.detail, error.headers)
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    if error.status_code == 404:
+        message = f"{request.url.path} is not a route of this gateway; it serves {', '.join(ROUTES)}."
+    elif error.status_code == 405:
+        message = f"{request.url.path} does not take {request.method}."
+    else:
+        message = str(error.detail)
+    code: Any = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+    return _error_response(error.status_code, ErrorDetail(message=message, type="invalid_request_error", code=code),
+                           dict(error.headers or {}))
+
+
+async def _unexpected_error(_: Request, error: Exception) -> Response:
+    # Starlette raises the error again once this answer is sent, so the server logs its traceback.
+    detail = ErrorDetail(message="The gateway failed on this request; its log has the details.", type="server_error",
+                         code="internal_error")
+    return _error_response(500, detail)

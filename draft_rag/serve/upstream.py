@@ -110,7 +110,7 @@ class RelayResponse(StreamingResponse):
     Args:
         upstream: the upstream's response, opened with ``stream=True``.
         headers: the response headers to send.
-        on_error: called with ``"upstream_stream_cut"`` when the upstream breaks off (for the metrics).
+        on_error: called with ``"stream_cut"`` when the upstream breaks off (for the metrics).
     """
 
     def __init__(self, upstream: httpx.Response, headers: Mapping[str, str], on_error: Callable[[str], None]) -> None:
@@ -124,7 +124,7 @@ class RelayResponse(StreamingResponse):
                 yield chunk
         except httpx.HTTPError as error:
             logger.warning("upstream stream broke off: %s: %s", type(error).__name__, error)
-            self.on_error("upstream_stream_cut")
+            self.on_error("stream_cut")
             detail = ErrorDetail(message=f"The upstream server broke off the stream ({type(error).__name__}).",
                                  type="upstream_error", code="upstream_stream_cut")
             yield f"data: {ErrorResponse(error=detail).model_dump_json()}\n\n".encode()

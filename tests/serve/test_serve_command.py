@@ -1,0 +1,128 @@
+"""``draft-rag serve``: its options, clear errors for bad values, and ``--workers 2`` as real processes sharing a
+draft cache directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from draft_rag.cli import main
+from draft_rag.serve.settings import SETTINGS_ENV, GatewaySettings
+from tests.integrations.test_compression_adapters import QUERY, TEXTS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--upstream", "ftp://127.0.0.1/v1"], "upstream must be an http:// or https:// URL"),
+    (["--upstream", "127.0.0.1:8080"], "upstream must be an http:// or https:// URL"),
+    (["--upstream", "http://127.0.0.1:8080/v1?key=1"], "without query, fragment or credentials"),
+    (["--upstream", "http://x/v1", "--port", "70000"], "port must be at most 65535"),
+    (["--upstream", "http://x/v1", "--budget", "0"], "budget must be >= 1"),
+    (["--upstream", "http://x/v1", "--workers", "0"], "workers must be >= 1"),
+    (["--upstream", "http://x/v1", "--queue-size", "0"], "queue_size must be >= 1"),
+    (["--upstream", "http://x/v1", "--read-timeout", "0"], "read_timeout must be a positive number"),
+    (["--upstream", "http://x/v1", "--connect-timeout", "nan"], "connect_timeout must be a positive number"),
+    (["--upstream", "http://x/v1", "--max-request-bytes", "-1"], "max_request_bytes must be >= 1"),
+])
+def test_bad_options_get_a_clear_error(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: pytest.fail("the server must not start"))
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_without_the_serve_extra_the_error_names_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert main(["serve", "--upstream", "http://127.0.0.1:8080/v1"]) == 2
+    assert "pip install 'draft-rag[serve]'" in capsys.readouterr().err
+
+
+def test_options_become_settings(monkeypatch):
+    calls = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: calls.append((app, options)))
+    monkeypatch.setattr("draft_rag.serve.app.create_app", lambda settings: settings)
+    assert main(["serve", "--upstream", "http://10.0.0.5:8000/v1/", "--host", "0.0.0.0", "--port", "9000",
+                 "--budget", "512", "--draft", "some/draft", "--cache-dir", "/tmp/c", "--target-tokenizer", "some/tok",
+                 "--max-request-bytes", "1000", "--queue-size", "3", "--connect-timeout", "2", "--read-timeout", "30",
+                 "--log-level", "warning"]) == 0
+    [(settings, options)] = calls
+    assert settings == GatewaySettings(
+        upstream="http://10.0.0.5:8000/v1", host="0.0.0.0", port=9000, budget=512, draft="some/draft",
+        cache_dir="/tmp/c", target_tokenizer="some/tok", max_request_bytes=1000, queue_size=3, connect_timeout=2.0,
+        read_timeout=30.0)
+    assert (options["host"], options["port"], options["log_level"]) == ("0.0.0.0", 9000, "warning")
+    assert options["log_config"]["loggers"]["draft_rag"]["level"] == "WARNING"
+
+
+def test_settings_travel_to_workers_as_json(monkeypatch):
+    settings = GatewaySettings(upstream="http://127.0.0.1:8080/v1", budget=77, api_key="k1", workers=3)
+    monkeypatch.setenv(SETTINGS_ENV, settings.to_json())
+    assert GatewaySettings.from_environment() == settings
+    monkeypatch.delenv(SETTINGS_ENV)
+    with pytest.raises(ValueError, match=SETTINGS_ENV):
+        GatewaySettings.from_environment()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_workers_share_the_cache_directory(stub, tiny_draft, tmp_path):
+    upstream, url = stub
+    draft_dir = tmp_path / "draft"
+    tiny_draft.model.save_pretrained(draft_dir)
+    tiny_draft.tokenizer.save_pretrained(draft_dir)
+    port = free_port()
+    key = "worker-key-31337"
+    env = {**os.environ, "DRAFT_RAG_API_KEY": key, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), str(REPO / "integrations/langchain"), str(REPO / "integrations/llama_index"),
+         os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "draft_rag.cli", "serve", "--upstream", url, "--port", str(port),
+               "--workers", "2", "--draft", str(draft_dir), "--dtype", "float32", "--cache-dir",
+               str(tmp_path / "cache"), "--budget", "40", "--log-level", "warning"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(timeout=60) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                assert process.poll() is None, process.stdout.read() if process.stdout else ""
+                try:
+                    if client.get(f"{base}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the workers did not become healthy"
+                time.sleep(0.5)
+            workers = psutil.Process(process.pid).children(recursive=True)
+            command_lines = [" ".join(worker.cmdline()) for worker in workers]
+            answers = [client.post(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                                   json={"model": "m", "messages": [{"role": "user", "content": QUERY}],
+                                         "documents": TEXTS}) for _ in range(6)]
+            refused = client.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert [a.status_code for a in answers] == [200] * 6, answers[0].text
+    assert {a.json()["draft_rag"]["context_tokens_after"] for a in answers} <= set(range(1, 41))
+    assert refused.status_code == 401, "the key reached the workers through the environment"
+    assert len([line for line in command_lines if "spawn_main" in line]) == 2
+    assert not any(key in line for line in command_lines), "the key is on no command line"
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) >= len(TEXTS), "the cache is on disk"
+    assert len(upstream.chats()) == 6
+    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)

@@ -89,8 +89,8 @@ class StubUpstream:
     """An OpenAI-compatible server that records what it receives and answers :func:`answer_for` the request.
 
     Answers start after ``reply_delay`` seconds. Streams send the answer word by word as
-    ``chat.completion.chunk`` events, then ``data: [DONE]``; ``stream_delay`` seconds pass between events. ``active`` counts requests being answered now and
-    ``closed_early`` the streams whose client went away before the end.
+    ``chat.completion.chunk`` events, then ``data: [DONE]``; ``stream_delay`` seconds pass between events.
+    ``active`` counts streams being sent now, ``closed_early`` those whose client went away before the end.
     """
 
     stream_delay: float = 0.0
@@ -122,7 +122,8 @@ class StubUpstream:
             return StreamingResponse(self._events(answer, body.get("model", UPSTREAM_MODEL)),
                                      media_type="text/event-stream")
         return JSONResponse({
-            "id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": body.get("model", UPSTREAM_MODEL),
+            "id": "chatcmpl-stub", "object": "chat.completion", "created": 0,
+            "model": body.get("model", UPSTREAM_MODEL),
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }, headers={"x-request-id": "stub-request"})

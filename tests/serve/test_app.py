@@ -96,7 +96,8 @@ async def test_compress_false_forwards_the_documents_as_they_are(stub, specpc):
     assert response.status_code == 200
     [received] = upstream.chats()
     user = tagged_request()["messages"][1]["content"]
-    assert received["body"]["messages"][1]["content"] == f'<document index="1">\nA field document.\n</document>\n\n{user}'
+    field = '<document index="1">\nA field document.\n</document>\n\n'
+    assert received["body"]["messages"][1]["content"] == field + user
     assert "draft_rag" not in received["body"] and "documents" not in received["body"]
     assert "draft_rag" not in response.json()
     assert specpc.cache.stats.misses == 0, "the draft did not run"
@@ -122,7 +123,8 @@ async def test_a_per_request_budget_is_used_and_kept_for_later(stub, specpc, tin
         answers = [(await client.post("/v1/chat/completions", json=tagged_request(draft_rag={"budget": b}))).json()
                    for b in (15, 60, 15)]
     after = [a["draft_rag"]["context_tokens_after"] for a in answers]
-    assert after == [make_specpc(tiny_draft, budget=b).compress(TAGGED_QUESTION, TEXTS).total_kept_tokens for b in (15, 60, 15)]
+    expected = [make_specpc(tiny_draft, budget=b).compress(TAGGED_QUESTION, TEXTS).total_kept_tokens for b in (15, 60)]
+    assert after == [*expected, expected[0]]
     assert after[0] <= 15 < after[1] <= 60
     assert answers[2]["draft_rag"]["cache_misses"] == 0, "the second request at a budget reads the draft cache"
 

@@ -1,4 +1,4 @@
-"""Security: loopback by default, the gateway's key enforced, the client's key forwarded or replaced, keys never logged."""
+"""Security: loopback by default, the gateway's key enforced, the client's key forwarded or replaced, no key logged."""
 
 from __future__ import annotations
 

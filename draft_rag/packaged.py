@@ -91,6 +91,29 @@ def ensure_packaged_model(name: str, *, progress: bool = True) -> Path:
     return converted
 
 
+def packaged_gguf(name: str, *, progress: bool = True) -> Path:
+    """The GGUF file of a packaged model, for servers that read GGUF themselves (e.g. llama.cpp).
+
+    Assembled from its parts and checked against its SHA-256 on first use, then kept in the model cache at
+    ``{cache_dir()}/{name}/gguf/{name}.gguf`` (apart from the file :func:`ensure_packaged_model` assembles and
+    deletes); later calls return it when its size is right. Raises as :func:`packaged_parts` does when the part
+    packages are missing, and ``ValueError`` for a name that is not packaged.
+    """
+    if name not in PACKAGED_MODELS:
+        msg = f"{name!r} is not a packaged model; the packaged models are {sorted(PACKAGED_MODELS)}."
+        raise ValueError(msg)
+    spec = PACKAGED_MODELS[name]
+    root = cache_dir() / name
+    path = root / "gguf" / f"{name}.gguf"
+    if path.is_file() and path.stat().st_size == spec.gguf_bytes:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / ".lock"):
+        if not (path.is_file() and path.stat().st_size == spec.gguf_bytes):
+            _assemble_gguf(spec, path, progress=progress)
+    return path
+
+
 def packaged_parts(spec: PackagedModel) -> list[Path]:
     """The part files of a packaged model in order, or an ImportError naming the pip command that fixes it."""
     missing = [p for p in spec.packages if importlib.util.find_spec(p) is None]

@@ -123,6 +123,27 @@ def test_a_leftover_assembled_file_is_checked_again(fake_packages, tmp_path, mon
     assert converted == [FAKE_GGUF]
 
 
+def test_packaged_gguf_is_assembled_once_and_kept(fake_packages, tmp_path, monkeypatch):
+    monkeypatch.setenv(packaged.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(packaged.PACKAGED_MODELS, "fake", fake_packages)
+    path = packaged.packaged_gguf("fake", progress=False)
+    assert path == tmp_path / "cache" / "fake" / "gguf" / "fake.gguf"
+    assert path.read_bytes() == FAKE_GGUF
+    monkeypatch.setattr(packaged, "_assemble_gguf", lambda *args, **kwargs: pytest.fail("assembled again"))
+    assert packaged.packaged_gguf("fake", progress=False) == path
+    with pytest.raises(ValueError, match="not a packaged model"):
+        packaged.packaged_gguf("no-such-model")
+
+
+def test_packaged_gguf_replaces_a_file_of_the_wrong_size(fake_packages, tmp_path, monkeypatch):
+    monkeypatch.setenv(packaged.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(packaged.PACKAGED_MODELS, "fake", fake_packages)
+    truncated = tmp_path / "cache" / "fake" / "gguf" / "fake.gguf"
+    truncated.parent.mkdir(parents=True)
+    truncated.write_bytes(FAKE_GGUF[:5])
+    assert packaged.packaged_gguf("fake", progress=False).read_bytes() == FAKE_GGUF
+
+
 def test_packaged_specs_match_the_pinned_extra():
     """The digests hold for one release of the part packages; the ``models`` extra must install that release."""
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()

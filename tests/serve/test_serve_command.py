@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from draft_rag.cli import main
 from draft_rag.serve.settings import SETTINGS_ENV, GatewaySettings
 from tests.integrations.test_compression_adapters import QUERY, TEXTS
+from tests.serve.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,12 +70,6 @@ def test_settings_travel_to_workers_as_json(monkeypatch):
     monkeypatch.delenv(SETTINGS_ENV)
     with pytest.raises(ValueError, match=SETTINGS_ENV):
         GatewaySettings.from_environment()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_workers_share_the_cache_directory(stub, tiny_draft, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -14,7 +13,7 @@ import pytest
 from draft_rag.serve.app import create_app
 from draft_rag.serve.settings import GatewaySettings
 from tests.integrations.test_compression_adapters import QUERY, TEXTS
-from tests.serve.support import StubUpstream, asgi_client, gateway_on_loopback, serve
+from tests.serve.support import StubUpstream, asgi_client, free_port, gateway_on_loopback, serve
 from tests.serve.test_errors import assert_error
 
 WITH_DOCUMENTS = {"model": "m", "messages": [{"role": "user", "content": QUERY}], "documents": TEXTS}
@@ -65,10 +64,7 @@ async def test_transport_failures_become_502_or_504(specpc, error, status, code,
 
 @pytest.mark.asyncio
 async def test_an_upstream_nobody_listens_on_is_502(specpc):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    settings = GatewaySettings(upstream=f"http://127.0.0.1:{port}/v1", connect_timeout=5)
+    settings = GatewaySettings(upstream=f"http://127.0.0.1:{free_port()}/v1", connect_timeout=5)
     async with asgi_client(create_app(settings, specpc=specpc)) as client:
         response = await client.post("/v1/chat/completions", json=WITHOUT_DOCUMENTS)
     assert_error(response, 502, None, "upstream_unreachable")

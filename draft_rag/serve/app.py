@@ -8,11 +8,13 @@ says no more than that (the traceback goes to the gateway's log).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -58,7 +60,7 @@ def create_app(
     """
     gateway = Gateway(settings, specpc if specpc is not None else build_specpc(settings), upstream_transport)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await gateway.start()
         try:
@@ -84,6 +86,33 @@ def create_app(
 def app_from_environment() -> Starlette:
     """The app for ``uvicorn ... --factory`` in each worker of ``draft-rag serve --workers N``."""
     return create_app(GatewaySettings.from_environment())
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a background thread; yield its base URL (``http://host:port``); stop it after.
+
+    For notebooks, tests and benchmarks: ``port=0`` picks a free port. Logging is left as the caller set it.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, name="draft-rag-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            msg = f"the server on {host}:{port} did not start (is the port taken?)"
+            raise RuntimeError(msg)
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()
+    try:
+        yield f"http://{host}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def build_specpc(settings: GatewaySettings) -> SpecPC:

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from draft_rag import SpecPC
-from tests.serve.support import StubUpstream, make_specpc, serve
+from draft_rag.serve.app import serve_in_thread
+from tests.serve.support import StubUpstream, make_specpc
 from tests.tiny import tiny_model
 
 
@@ -26,5 +27,5 @@ def specpc(tiny_draft) -> SpecPC:
 def stub() -> Iterator[tuple[StubUpstream, str]]:
     """The stub upstream on loopback and its ``/v1`` URL."""
     upstream = StubUpstream()
-    with serve(upstream.app()) as url:
+    with serve_in_thread(upstream.app()) as url:
         yield upstream, f"{url}/v1"

@@ -8,21 +8,18 @@ import contextlib
 import json
 import os
 import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from draft_rag import DraftCache, SpecPC
-from draft_rag.serve.app import create_app
+from draft_rag.serve.app import create_app, serve_in_thread
 from draft_rag.serve.settings import GatewaySettings
 from tests.integrations.test_compression_adapters import SPECPC_KWARGS
 
@@ -49,33 +46,8 @@ async def asgi_client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
 def gateway_on_loopback(upstream: str, specpc: SpecPC, **settings: Any) -> Iterator[str]:
     """The gateway in front of ``upstream``, served on a free loopback port; yields its ``/v1`` URL."""
     app = create_app(GatewaySettings(upstream=upstream, **settings), specpc=specpc)
-    with serve(app) as url:
+    with serve_in_thread(app) as url:
         yield f"{url}/v1"
-
-
-@contextlib.contextmanager
-def serve(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread on a free port; yield ``http://host:port``; always stop it.
-
-    ``log_config=None`` leaves logging as the test set it, so ``caplog`` sees uvicorn's records too.
-    """
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_config=None, log_level="info",
-                                           lifespan="on", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            msg = "the test server did not start"
-            raise RuntimeError(msg)
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the test server did not stop"
 
 
 def answer_for(body: dict[str, Any]) -> str:

@@ -13,9 +13,10 @@ import httpx
 import openai
 import pytest
 
+from draft_rag.serve.app import serve_in_thread
 from tests.integrations.conftest import finishes_within
 from tests.integrations.test_compression_adapters import QUERY, TEXTS
-from tests.serve.support import StubUpstream, gateway_on_loopback, make_specpc, open_sockets, serve
+from tests.serve.support import StubUpstream, gateway_on_loopback, make_specpc, open_sockets
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": QUERY}], "documents": TEXTS}
 
@@ -71,7 +72,7 @@ def test_concurrent_threads_and_tasks_get_what_one_client_gets(stub, specpc):
 
 def test_streams_do_not_wait_for_each_other(specpc):
     slow = StubUpstream(stream_delay=0.1)
-    with serve(slow.app()) as url, gateway_on_loopback(f"{url}/v1", specpc) as gateway:
+    with serve_in_thread(slow.app()) as url, gateway_on_loopback(f"{url}/v1", specpc) as gateway:
         question = {"model": "m", "messages": [{"role": "user", "content": "one two three four five six seven"}]}
 
         def one_stream(_: int) -> tuple[str, float]:
@@ -113,7 +114,7 @@ def test_bounded_load_32_clients_streaming_and_not(tiny_draft):
     clients, per_client = 32, 4
     baseline = threading.active_count(), open_sockets()
     upstream = StubUpstream()
-    with serve(upstream.app()) as url, gateway_on_loopback(f"{url}/v1", make_specpc(tiny_draft)) as gateway:
+    with serve_in_thread(upstream.app()) as url, gateway_on_loopback(f"{url}/v1", make_specpc(tiny_draft)) as gateway:
         # Added latency, measured alone: the same passthrough request straight to the upstream and via the gateway.
         plain = {"model": "m", "messages": [{"role": "user", "content": "Say hi."}]}
         latency: dict[str, list[float]] = {"direct": [], "gateway": []}

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from draft_rag.serve.app import create_app
+from draft_rag.serve.app import create_app, serve_in_thread
 from draft_rag.serve.settings import GatewaySettings
 from tests.integrations.test_compression_adapters import QUERY, TEXTS
-from tests.serve.support import StubUpstream, asgi_client, free_port, gateway_on_loopback, serve
+from tests.serve.support import StubUpstream, asgi_client, free_port, gateway_on_loopback
 from tests.serve.test_errors import assert_error
 
 WITH_DOCUMENTS = {"model": "m", "messages": [{"role": "user", "content": QUERY}], "documents": TEXTS}
@@ -74,7 +74,7 @@ async def test_an_upstream_nobody_listens_on_is_502(specpc):
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_a_slow_upstream_is_504_after_the_read_timeout(specpc, stream):
     slow = StubUpstream(reply_delay=3.0)
-    with serve(slow.app()) as url:
+    with serve_in_thread(slow.app()) as url:
         settings = GatewaySettings(upstream=f"{url}/v1", read_timeout=0.3)
         async with asgi_client(create_app(settings, specpc=specpc)) as client:
             started = time.perf_counter()
@@ -143,7 +143,7 @@ async def test_a_stream_cut_midway_ends_with_an_error_event(specpc):
 
 def test_a_client_that_leaves_mid_stream_stops_the_upstream(specpc):
     upstream = StubUpstream(stream_delay=0.2)
-    with serve(upstream.app()) as url, gateway_on_loopback(f"{url}/v1", specpc) as gateway:
+    with serve_in_thread(upstream.app()) as url, gateway_on_loopback(f"{url}/v1", specpc) as gateway:
         long_question = {**WITHOUT_DOCUMENTS, "stream": True,
                          "messages": [{"role": "user", "content": " ".join(["word"] * 200)}]}
         with httpx.Client(timeout=10) as client, client.stream("POST", f"{gateway}/chat/completions",

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 from starlette.applications import Starlette
@@ -313,7 +313,7 @@ async def _http_error(request: Request, error: Exception) -> Response:
         message = f"{request.url.path} does not take {request.method}."
     else:
         message = str(error.detail)
-    code: Any = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
     return _error_response(error.status_code, ErrorDetail(message=message, type="invalid_request_error", code=code),
                            dict(error.headers or {}))
 

@@ -109,6 +109,7 @@ class GatewaySettings:
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
+    # Not draft_rag.scoring.check_int: that module imports torch, and the settings load before any model.
     if isinstance(value, bool) or not isinstance(value, int):
         msg = f"{name} must be an integer >= {minimum}, got {value!r}."
         raise TypeError(msg)

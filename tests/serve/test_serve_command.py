@@ -119,4 +119,5 @@ def test_two_workers_share_the_cache_directory(stub, tiny_draft, tmp_path):
     assert not any(key in line for line in command_lines), "the key is on no command line"
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) >= len(TEXTS), "the cache is on disk"
     assert len(upstream.chats()) == 6
-    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert alive == [], "a worker outlived the gateway"

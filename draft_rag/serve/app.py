@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from starlette.applications import Starlette
@@ -27,9 +27,16 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from draft_rag.serve.compression import Compression, CompressionStats
-from draft_rag.serve.documents import find_documents, has_gateway_fields, rewrite
+from draft_rag.serve.documents import RequestDocuments, find_documents, has_gateway_fields, rewrite
 from draft_rag.serve.metrics import Metrics
-from draft_rag.serve.protocol import ErrorDetail, ErrorResponse, GatewayError, parse_request
+from draft_rag.serve.protocol import (
+    ChatCompletionRequest,
+    DraftRAGOptions,
+    ErrorDetail,
+    ErrorResponse,
+    GatewayError,
+    parse_request,
+)
 from draft_rag.serve.settings import GatewaySettings
 from draft_rag.serve.upstream import RelayResponse, Upstream, response_headers
 
@@ -161,38 +168,48 @@ class Gateway:
         found = find_documents(data, parsed.documents or ())
         stats: CompressionStats | None = None
         if found.documents or has_gateway_fields(data):
-            if parsed.documents and found.question_message is None:
-                raise GatewayError(400, "The 'documents' field needs a user message to be written into.",
-                                   param="messages", code="invalid_value")
-            texts = found.texts
-            compress = parsed.draft_rag is None or parsed.draft_rag.compress
-            if found.documents and compress:
-                if not found.question:
-                    message = ("The last user message has no question outside its documents; SpecPC needs the "
-                               "question to decide what to keep.")
-                    raise GatewayError(400, message, param="messages", code="invalid_value")
-                budget = parsed.draft_rag.budget if parsed.draft_rag is not None else None
-                texts, stats = await self.compression.compress(found.question, texts, budget)
-                self.metrics.compression(stats)
-                logger.info("compressed %d documents: %d -> %d tokens in %.3f s (cache %d hits, %d misses)",
-                            len(texts), stats.context_tokens_before, stats.context_tokens_after, stats.compress_s,
-                            stats.cache_hits, stats.cache_misses)
-            # Compact separators; non-ASCII text stays UTF-8 as the client sent it.
-            body = json.dumps(rewrite(data, found, texts), ensure_ascii=False, separators=(",", ":")).encode()
+            body, stats = await self._rewritten(data, parsed, found)
         extra = stats.headers() if stats is not None else {}
         headers = self.upstream.headers(request.headers)
         if parsed.stream:
-            upstream = await self._send("POST", "/chat/completions", headers, body, stream=True)
-            if upstream.status_code < 400:
-                return RelayResponse(upstream, {**response_headers(upstream), **extra}, self.metrics.upstream_error)
-            try:
-                await upstream.aread()
-            except httpx.HTTPError as error:
-                raise _stream_cut(error, self.metrics) from None
-            finally:
-                await upstream.aclose()
-            return self._answer(upstream, None, extra)
+            return await self._relay(headers, body, extra)
         return self._answer(await self._send("POST", "/chat/completions", headers, body), stats, extra)
+
+    async def _rewritten(
+        self, data: dict[str, Any], parsed: ChatCompletionRequest, found: RequestDocuments
+    ) -> tuple[bytes, CompressionStats | None]:
+        """The body for the upstream: documents compressed (unless the request says not to), field documents
+        written into the last user message, the gateway's fields removed; and the compression's figures."""
+        if parsed.documents and found.question_message is None:
+            raise GatewayError(400, "The 'documents' field needs a user message to be written into.",
+                               param="messages", code="invalid_value")
+        texts, stats = found.texts, None
+        options = parsed.draft_rag or DraftRAGOptions()
+        if found.documents and options.compress:
+            if not found.question:
+                message = ("The last user message has no question outside its documents; SpecPC needs the question "
+                           "to decide what to keep.")
+                raise GatewayError(400, message, param="messages", code="invalid_value")
+            texts, stats = await self.compression.compress(found.question, texts, options.budget)
+            self.metrics.compression(stats)
+            logger.info("compressed %d documents: %d -> %d tokens in %.3f s (cache %d hits, %d misses)",
+                        len(texts), stats.context_tokens_before, stats.context_tokens_after, stats.compress_s,
+                        stats.cache_hits, stats.cache_misses)
+        # Compact separators; non-ASCII text stays UTF-8 as the client sent it.
+        return json.dumps(rewrite(data, found, texts), ensure_ascii=False, separators=(",", ":")).encode(), stats
+
+    async def _relay(self, headers: dict[str, str], body: bytes, extra: dict[str, str]) -> Response:
+        """A streamed chat completion: relayed as it comes, or the upstream's error answer as a whole."""
+        upstream = await self._send("POST", "/chat/completions", headers, body, stream=True)
+        if upstream.status_code < 400:
+            return RelayResponse(upstream, {**response_headers(upstream), **extra}, self.metrics.upstream_error)
+        try:
+            await upstream.aread()
+        except httpx.HTTPError as error:
+            raise _stream_cut(error, self.metrics) from None
+        finally:
+            await upstream.aclose()
+        return self._answer(upstream, None, extra)
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)

@@ -89,7 +89,7 @@ def upstream_server(args: argparse.Namespace) -> Iterator[str]:
     if args.upstream:
         yield args.upstream.rstrip("/")
         return
-    from draft_rag.models import packaged_gguf
+    from draft_rag.packaged import packaged_gguf
 
     with tempfile.TemporaryDirectory() as scratch:
         port = _free_port()
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import openai
 
-    from draft_rag.models import hardware_label
+    from draft_rag.bench.hardware import hardware_label
 
     contexts = retrieve(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ base URL. Two ways to hand it documents, both shown here over the LangChain exam
 Start llama.cpp on the packaged 1.5B target and the gateway in front of it (two terminals):
 
     python -m llama_cpp.server --port 8080 --n_ctx 4096 --n_threads 2 --model "$(python -c \\
-        'from draft_rag.models import packaged_gguf; print(packaged_gguf("qwen2.5-coder-1.5b-instruct"))')"
+        'from draft_rag.packaged import packaged_gguf; print(packaged_gguf("qwen2.5-coder-1.5b-instruct"))')"
     draft-rag serve --upstream http://127.0.0.1:8080/v1 --budget 512 --cache-dir ~/.cache/draft-rag/gateway
 
 then ask through it (``--start`` starts and stops both for you instead; ``--no-compress`` has the gateway forward
@@ -81,7 +81,8 @@ def started_servers(args: Any, llama_port: int = 8080, gateway_port: int = 8100)
     as two processes; yields the gateway's URL."""
     import httpx
 
-    from draft_rag.models import DEFAULT_TARGET, packaged_gguf
+    from draft_rag.models import DEFAULT_TARGET
+    from draft_rag.packaged import packaged_gguf
 
     commands = [
         [sys.executable, "-m", "llama_cpp.server", "--model", str(packaged_gguf(DEFAULT_TARGET)), "--host", "127.0.0.1",

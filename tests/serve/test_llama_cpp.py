@@ -19,7 +19,8 @@ import pytest
 
 from draft_rag import DraftCache, SpecPC
 from draft_rag.commands.demo import needle_haystack
-from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, packaged_gguf
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
+from draft_rag.packaged import packaged_gguf
 from tests.serve.support import free_port, gateway_on_loopback
 
 pytestmark = pytest.mark.real_model

@@ -54,8 +54,10 @@ def test_tiny_bench_writes_resumable_results_summary_and_plot(tmp_path, capsys):
     assert len(rows) == expected
     assert {r["method"] for r in rows} == set(METHODS) - {"llmlingua"} - (set() if embedding else {"embedding"})
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["prompt_tokens"] > 0 for r in rows)
-    specpc = [r for r in rows if r["method"] == "specpc"]
-    assert all(r["context_tokens"] <= 64 for r in specpc)
+    specpc = [r for r in rows if r["method"].startswith("specpc")]
+    assert len(specpc) == 5 and all(r["context_tokens"] <= 64 for r in specpc)
+    # Only the cached variant warms its draft cache, before (and apart from) its timed compression.
+    assert all((r["warm_s"] > 0) == (r["method"] == "specpc-cached") for r in rows)
     assert "skipping llmlingua" in capsys.readouterr().err
 
     summary = (tmp_path / "summary.md").read_text()
@@ -110,3 +112,21 @@ def test_report_only_merges_the_runs_of_two_machines(tmp_path, capsys):
     assert f"1 samples (2 rows) from {second / 'results.jsonl'}" in summary
     assert "n=2 |" in summary.split("| full |")[1].split("\n")[0]
     assert "latency and memory (float32 on another CPU)" in summary
+
+
+def test_tiny_bench_answers_book_qa_with_specpc_and_its_variants(tmp_path):
+    from draft_rag.bench.tasks import book_questions
+
+    methods = ["full", "specpc", "specpc-cached", "specpc-2pass", "embedding", "truncate"]
+    args = ["bench", "--preset", "tiny", "--tasks", "book_qa", "--methods", *methods, "--budgets", "64",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in rows) == sorted(methods)
+    first = book_questions()[0]
+    assert all(r["task"] == "book_qa" and r["gold"] == list(first.answers) for r in rows)
+    full = next(r for r in rows if r["method"] == "full")
+    assert all(r["context_tokens"] <= 64 < full["context_tokens"] for r in rows if r["method"] != "full")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| specpc-cached @ 64 vs specpc @ 64 | 1 |" in summary
+    assert "| specpc-2pass @ 64 vs embedding @ 64 | 1 |" in summary

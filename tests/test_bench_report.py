@@ -145,3 +145,29 @@ def test_rows_of_two_runs_share_the_accuracy_table_but_not_the_seconds(tmp_path)
 def test_rows_of_one_run_keep_the_plain_latency_heading(tmp_path):
     text = write_summary(_of_run(ROWS, "bfloat16", "machine A"), tmp_path).read_text()
     assert text.count("tokens: latency and memory\n") == 2 and "latency and memory (" not in text
+
+
+def test_specpc_variants_are_paired_with_specpc_and_the_embedding_filter():
+    from draft_rag.bench.report import latency_table, paired_table
+
+    rows = [r for r in ROWS if r["length"] == 4096 and r["method"] in ("full", "specpc")]
+    # specpc-cached loses sample 1 at 512 tokens; the embedding filter is right on sample 2 only.
+    rows += [{**r, "method": "specpc-cached", "accuracy": 0.0 if (r["sample_id"], r["budget"]) == (1, 512)
+              else r["accuracy"], "warm_s": 4.0} for r in ROWS if r["length"] == 4096 and r["method"] == "specpc"]
+    rows += [{**r, "method": "embedding", "accuracy": float(r["sample_id"] == 2)}
+             for r in ROWS if r["length"] == 4096 and r["method"] == "specpc"]
+    lines = paired_table(rows, 4096).splitlines()[2:]
+    labels = [line.split(" | ")[0].lstrip("| ") for line in lines]
+    assert labels == [
+        "specpc @ 256 vs full", "specpc @ 256 vs embedding @ 256",
+        "specpc @ 512 vs full", "specpc @ 512 vs embedding @ 512",
+        "specpc-cached @ 256 vs specpc @ 256", "specpc-cached @ 256 vs embedding @ 256",
+        "specpc-cached @ 512 vs specpc @ 512", "specpc-cached @ 512 vs embedding @ 512",
+    ]
+    assert lines[6].startswith("| specpc-cached @ 512 vs specpc @ 512 | 3 | 0 | 2 | 1 | -33.3 [")
+    # The warm seconds have their own column; rows made before it existed count none.
+    table = latency_table(rows, 4096).splitlines()
+    assert table[0].endswith("| peak RSS MiB | warm s |")
+    cached = next(line for line in table if line.startswith("| specpc-cached @ 256 |"))
+    plain = next(line for line in table if line.startswith("| specpc @ 256 |"))
+    assert cached.endswith("| 4.00 |") and plain.endswith("| 0.00 |")

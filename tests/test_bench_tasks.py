@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
+from draft_rag.bench import tasks
 from draft_rag.bench.tasks import (
     DEFAULT_TASKS,
     TASKS,
     Sample,
     TaskGenerator,
+    book_questions,
+    book_text,
     build_prompt,
     prose_sentences,
     string_match,
@@ -16,9 +20,22 @@ from draft_rag.bench.tasks import (
 from tests.tiny import tiny_tokenizer
 
 
+def words_embedding(texts):
+    """A cheap stand-in for MiniLM: unit vectors of hashed word counts (texts sharing words are similar)."""
+    import zlib
+
+    import numpy as np
+
+    vectors = np.zeros((len(texts), 512), dtype=np.float32)
+    for row, text in enumerate(texts):
+        for word in re.findall(r"[a-z]+", text.lower()):
+            vectors[row, zlib.crc32(word.encode()) % 512] += 1.0
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+
+
 @pytest.fixture(scope="module")
 def generator() -> TaskGenerator:
-    return TaskGenerator(tiny_tokenizer(), seed=7, chunk_tokens=128)
+    return TaskGenerator(tiny_tokenizer(), seed=7, chunk_tokens=128, embed=words_embedding)
 
 
 def _prompt_tokens(sample: Sample) -> int:
@@ -29,7 +46,7 @@ def _prompt_tokens(sample: Sample) -> int:
 def test_samples_are_deterministic_and_near_the_requested_length(generator, task):
     # Long enough for eight facts in eight documents of 128 tokens (the spread tasks).
     sample = generator.sample(task, 2500, 3)
-    again = TaskGenerator(tiny_tokenizer(), seed=7, chunk_tokens=128).sample(task, 2500, 3)
+    again = TaskGenerator(tiny_tokenizer(), seed=7, chunk_tokens=128, embed=words_embedding).sample(task, 2500, 3)
     assert sample == again
     assert generator.sample(task, 2500, 4) != sample
     assert abs(_prompt_tokens(sample) - 2500) < 0.1 * 2500
@@ -154,3 +171,88 @@ def test_errors_name_the_fix(generator):
         generator.sample("niah_multivalue", 120, 0)
     with pytest.raises(ValueError, match="chunk_tokens"):
         TaskGenerator(tiny_tokenizer(), chunk_tokens=4)
+
+
+BOOK_QA = book_questions()
+
+
+def test_book_qa_has_forty_checked_questions_some_needing_two_passages():
+    assert len(BOOK_QA) >= 40 and len({q.id for q in BOOK_QA}) == len(BOOK_QA)
+    assert sum(q.hops == 2 for q in BOOK_QA) >= 10 and {q.hops for q in BOOK_QA} == {1, 2}
+    # The books the task reads are shipped with the package and listed with their source.
+    readme = (Path(tasks.__file__).parent / "data" / "README.md").read_text()
+    for book in {q.book for q in BOOK_QA}:
+        assert (Path(tasks.__file__).parent / "data" / f"{book}.txt").is_file() and f"`{book}.txt`" in readme
+
+
+@pytest.mark.parametrize("question", BOOK_QA, ids=[q.id for q in BOOK_QA])
+def test_book_qa_evidence_is_quoted_verbatim_and_holds_the_answer(question):
+    text = book_text(question.book)
+    for quote in question.evidence:
+        # Exactly once, so that the quote names one place of the book.
+        assert text.count(quote) == 1, quote
+    for answer in question.answers:
+        assert answer.lower() not in question.question.lower(), answer
+        assert question.note or any(answer.lower() in quote.lower() for quote in question.evidence), answer
+    # The note explains an alternative; at least one gold answer is written in the evidence itself.
+    assert any(answer.lower() in quote.lower() for answer in question.answers for quote in question.evidence)
+    if question.hops == 2:
+        first, second = (text.index(quote) for quote in question.evidence)
+        assert len(question.evidence) == 2 and abs(first - second) > 3000
+        # The second passage holds the answer; the first is the hop that leads there.
+        assert any(answer.lower() in question.evidence[1].lower() for answer in question.answers)
+    else:
+        assert question.hops == 1
+
+
+def test_book_qa_context_holds_the_evidence_within_the_length(generator):
+    for index in range(6):  # one question of each book
+        question = BOOK_QA[index]
+        sample = generator.sample("book_qa", 2500, index)
+        assert (sample.question, sample.answers, sample.metric) == (question.question, list(question.answers), "any")
+        context = " ".join(" ".join(doc.split()) for doc in sample.documents)
+        assert all(quote in context for quote in question.evidence)
+        assert _prompt_tokens(sample) < 2500 + 128
+        # Chunks in book order, each a run of the book's sentences.
+        text = book_text(question.book)
+        starts = [text.index(" ".join(doc.split())) for doc in sample.documents]
+        assert starts == sorted(starts) and len(starts) > 3
+
+
+def test_book_qa_retrieves_the_chunks_most_like_the_question():
+    import numpy as np
+
+    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=128, embed=words_embedding)
+    question = BOOK_QA[0]
+    sample = generator.sample("book_qa", 1500, 0)
+    chunks, vectors = generator._book_chunks(question.book)
+    kept = {c.text for c in chunks} & set(sample.documents)
+    assert len(kept) == len(sample.documents)
+    similarity = vectors @ words_embedding([question.question])[0]
+    evidence = {c.text for c in chunks if any(quote in " ".join(c.text.split()) for quote in question.evidence)}
+    # Every chunk kept for its similarity beats every chunk left out.
+    kept_scores = [s for c, s in zip(chunks, similarity) if c.text in kept and c.text not in evidence]
+    left_scores = [s for c, s in zip(chunks, similarity) if c.text not in kept]
+    assert kept_scores and min(kept_scores) >= np.round(max(left_scores), 4) - 1e-4
+    # With no room beyond the evidence, the evidence alone is kept.
+    short = generator.sample("book_qa", 200, 0)
+    assert {" ".join(d.split()) for d in short.documents} <= {" ".join(t.split()) for t in evidence}
+    assert short.documents
+
+
+def test_book_qa_questions_do_not_depend_on_the_seed_and_refuse_missing_indices(generator):
+    other = TaskGenerator(tiny_tokenizer(), seed=8, chunk_tokens=128, embed=words_embedding)
+    assert other.sample("book_qa", 2500, 1) == generator.sample("book_qa", 2500, 1)
+    with pytest.raises(ValueError, match=f"book_qa has {len(BOOK_QA)} questions"):
+        generator.sample("book_qa", 2500, len(BOOK_QA))
+
+
+def test_book_qa_is_registered_but_not_a_default():
+    assert "book_qa" in TASKS and "book_qa" not in DEFAULT_TASKS
+
+
+def test_haystacks_read_only_the_haystack_books():
+    assert tasks.HAYSTACK_BOOKS == ("alice_in_wonderland", "legend_of_sleepy_hollow", "yellow_wallpaper")
+    douglass = book_text("narrative_of_frederick_douglass")
+    assert not any(sentence in douglass for sentence in prose_sentences()[-50:])
+    assert prose_sentences()[-1] in book_text("yellow_wallpaper")

@@ -112,3 +112,30 @@ def test_specpc_tuning_shares_draft_passes_and_resumes(tmp_path, monkeypatch):
     assert len(rows) == 2 * 4 * 2 and {r["dtype"] for r in rows} == {dtype}
     assert all(0.0 <= r["kept"] <= 1.0 and r["seconds"] > 0 for r in rows)
     assert f"| {dtype} | default | 48 | 2 |" in (tmp_path / specpc_tuning.SUMMARY_FILE).read_text()
+
+
+def test_second_hop_study_smoke_run_resumes_and_refuses_seed_0(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from benchmarks import second_hop_study as study
+
+    with pytest.raises(SystemExit) as refused:
+        study.main(["--smoke", "--seed", "0", "--out", str(tmp_path)])
+    assert refused.value.code == 2 and "seed 0" in capsys.readouterr().err
+    assert study.main(["--smoke", "--out", str(tmp_path)]) == 0
+    path = tmp_path / study.RESULTS_FILE
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    smoke = study.SMOKE
+    assert len(rows) == len(study.VARIANTS) * len(smoke["tasks"]) * len(smoke["budgets"]) * smoke["samples"]
+    assert all(r["seed"] == 1 and r["kept_tokens"] <= r["budget"] and r["seconds"] > 0 for r in rows)
+    for row in rows:
+        variant = study.VARIANTS[row["variant"]]
+        assert (row["warm_s"] > 0) == variant.cache
+        assert isinstance(row["draft_answer"], str) == (variant.first_share is not None)
+    summary = (tmp_path / study.SUMMARY_FILE).read_text()
+    assert "| float32 | specpc | 64 | 2 |" in summary and "| 1.00x |" in summary
+    before = path.read_text()
+    assert study.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert path.read_text() == before  # every row is logged: nothing runs again

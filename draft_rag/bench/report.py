@@ -134,13 +134,14 @@ def accuracy_table(rows: Sequence[Mapping[str, Any]], length: int) -> str:
 
 
 def latency_table(rows: Sequence[Mapping[str, Any]], length: int) -> str:
-    """Markdown table at one length: seconds, ratios to ``full`` on the same samples, tokens and memory."""
+    """Markdown table at one length: seconds, ratios to ``full`` on the same samples, tokens, memory and the seconds
+    spent before the question (``warm_s``; 0 for rows that do not record it)."""
     rows = [r for r in rows if r["length"] == length]
     full = {(r["task"], r["sample_id"]): r for r in rows if r["method"] == "full"}
     lines = [
         "| method @ budget | end-to-end vs full | answer vs full | compress s | answer s | end-to-end s "
-        "| prompt tokens | KV MiB | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| prompt tokens | KV MiB | peak RSS MiB | warm s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     groups = _groups(rows, "method", "budget")
     for method, budget in _settings(rows):
@@ -153,13 +154,20 @@ def latency_table(rows: Sequence[Mapping[str, Any]], length: int) -> str:
             f"| {mean(r['compress_s'] for r in group):.2f} | {mean(r['answer_s'] for r in group):.2f} "
             f"| {mean(r['total_s'] for r in group):.2f} | {mean(r['prompt_tokens'] for r in group):.0f} "
             f"| {mean(r['kv_bytes'] for r in group) / 2**20:.1f} "
-            f"| {max(r['peak_rss_mb'] for r in group):.0f} |"
+            f"| {max(r['peak_rss_mb'] for r in group):.0f} | {mean(r.get('warm_s', 0.0) for r in group):.2f} |"
         )
     return "\n".join(lines)
 
 
-PAIRED_REFERENCES = {"specpc": tuple(m for m in METHODS if m not in KV_METHODS), "speckv": ("full", *KV_METHODS)}
-"""The methods each reference is compared with on the same samples: its own side's others, and ``full``."""
+SPECPC_VARIANTS = ("specpc-cached", "specpc-2pass", "specpc-lookahead")
+"""SpecPC's variants, each compared with SpecPC itself (and the embedding filter) rather than SpecPC with them."""
+PAIRED_REFERENCES = {
+    "specpc": tuple(m for m in METHODS if m not in KV_METHODS and m not in SPECPC_VARIANTS),
+    **{variant: ("specpc", "embedding") for variant in SPECPC_VARIANTS},
+    "speckv": ("full", *KV_METHODS),
+}
+"""The methods each reference is compared with on the same samples: SpecPC and SpecKV with their own side's others
+and ``full``; each SpecPC variant with SpecPC and the embedding filter."""
 
 
 def paired_differences(
@@ -182,8 +190,9 @@ def paired_differences(
 
 
 def paired_table(rows: Sequence[Mapping[str, Any]], length: int) -> str:
-    """Markdown table at one length: ``specpc`` (and ``speckv``) against each method of its side at the same
-    budget and against ``full``, on the samples both answered: wins, ties, losses and the mean difference."""
+    """Markdown table at one length: each reference of :data:`PAIRED_REFERENCES` (``specpc``, its variants,
+    ``speckv``) against its methods at the same budget (``full`` at none), on the samples both answered: wins,
+    ties, losses and the mean difference."""
     rows = [r for r in rows if r["length"] == length]
     scores = {(r["method"], r["budget"], r["task"], r["sample_id"]): r["accuracy"] for r in rows}
     lines = [
@@ -216,8 +225,9 @@ def _ratio(numerator: float, denominator: float) -> str:
 
 LATENCY_TEXT = (
     "Ratios divide summed seconds by `full`'s on the same samples of this run. `compress` is the compressor's "
-    "time (the draft's lookahead for SpecKV); `answer` is the target's prefill and decoding. KV MiB is the "
-    "target's prompt KV cache after compression; peak RSS is the process's."
+    "time (the draft's lookahead for SpecKV); `warm` is work done before the question and not in the end-to-end "
+    "time (`specpc-cached`: encoding the sample's documents into the draft cache); `answer` is the target's "
+    "prefill and decoding. KV MiB is the target's prompt KV cache after compression; peak RSS is the process's."
 )
 
 
@@ -255,8 +265,10 @@ def write_summary(
             *latency,
             f"## {length} tokens: the same samples, two methods",
             "",
-            "Each row pairs SpecPC (or SpecKV) with another method at the same budget (or with `full`) on the "
-            "samples both answered: how often it scored higher, equal or lower, and the mean difference in "
+            "Each row pairs SpecPC (or SpecKV) with another method at the same budget (or with `full`), or a "
+            "SpecPC variant (`specpc-cached`, `specpc-2pass`, `specpc-lookahead`) with SpecPC and the embedding "
+            "filter, on the samples both answered: how often the first scored higher, equal or lower, and the "
+            "mean difference in "
             "accuracy points with a 95% bootstrap interval over those pairs. An interval that excludes 0 "
             "separates the two methods on these tasks; one that includes 0 does not.",
             "",
@@ -276,8 +288,8 @@ def write_summary(
 
 def _color(method: str) -> str:
     """One colour per method, the same in both plots."""
-    palette = ("black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
-               "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+    palette = ("black", "tab:blue", "navy", "teal", "slateblue", "tab:orange", "tab:green", "tab:red", "tab:purple",
+               "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
     return palette[_method_order(method) % len(palette)]
 
 

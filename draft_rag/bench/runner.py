@@ -227,6 +227,7 @@ def run_bench(
                 "budget": budget,
                 "accuracy": sample.score(outcome.answer),
                 "compress_s": round(outcome.compress_s, 3),
+                "warm_s": round(outcome.warm_s, 3),
                 "answer_s": round(outcome.answer_s, 3),
                 "total_s": round(outcome.compress_s + outcome.answer_s, 3),
                 "peak_rss_mb": round(peak[0] / 2**20, 1),

@@ -28,6 +28,8 @@ def examples(monkeypatch):
     return {"langchain": langchain_rag, "llama_index": llama_index_rag}
 
 
+# Three questions per run: on a 2-core CPU in fp32 the full-context run takes several minutes.
+@pytest.mark.timeout(2400)
 @pytest.mark.parametrize("compress", [True, False], ids=["compressed", "full-context"])
 @pytest.mark.parametrize("framework", ["langchain", "llama_index"])
 def test_example_answers_every_default_question(examples, framework, compress):

@@ -19,12 +19,13 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+
 class Lazy(Generic[T]):
     """A value built on first use, and built again when the settings it was built from change.
 
     The framework adapters keep their SpecPC/SpecKV object in one: constructing an adapter loads no model,
     concurrent first calls share one object, and a setting changed after the first call takes effect on the
-    next (models are cached by :func:`load_model`, so a rebuild does not load them again).
+    next (models are cached by :func:`~draft_rag.load_model`, so a rebuild does not load them again).
     """
 
     def __init__(self) -> None:

@@ -14,10 +14,9 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -174,40 +173,6 @@ def _pick_attn_implementation(
         and flash_attn_installed
     )
     return "flash_attention_2" if runs_flash else "sdpa"
-
-
-T = TypeVar("T")
-
-
-class Lazy(Generic[T]):
-    """A value built on first use, and built again when the settings it was built from change.
-
-    The framework adapters keep their SpecPC/SpecKV object in one: constructing an adapter loads no model,
-    concurrent first calls share one object, and a setting changed after the first call takes effect on the
-    next (models are cached by :func:`load_model`, so a rebuild does not load them again).
-    """
-
-    def __init__(self) -> None:
-        self._value: T | None = None
-        self._settings: object = None
-        self._lock = threading.Lock()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # A copy (pickled for a worker process, or deep-copied) starts empty and builds its own value on first
-        # use: neither the lock nor a loaded model travels with it.
-        return (type(self), ())
-
-    def get(self, build: Callable[[], T], settings: object = None) -> T:
-        """The value ``build()`` made for ``settings``, built again when ``settings`` differ from last time.
-
-        Settings are compared with ``==``; pass a fresh copy of mutable ones, so that a change made in place
-        is seen.
-        """
-        with self._lock:
-            if self._value is None or settings != self._settings:
-                self._value = build()
-                self._settings = settings
-            return self._value
 
 
 _LoadKey = tuple[str, str, str, str]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from draft_rag import DraftCache, LoadedModel, SpecPC, cli
-from draft_rag.draft_cache import CacheStats, _key, bytes_per_token
+from draft_rag.draft_cache import CacheStats, bytes_per_token
+from draft_rag.draft_cache.fingerprint import entry_key
 from draft_rag.hf import rotate_keys
 from draft_rag.scoring import prefill
 from draft_rag.specpc.prompt import _DraftPrompt
@@ -195,7 +196,7 @@ def test_entries_of_another_model_or_dtype_are_never_used(draft, tmp_path):
         assert cache.stats.hits == before.hits and cache.stats.misses == before.misses + 4
     assert len(list(tmp_path.glob("*.safetensors"))) == 12
     prefix_ids, _ = _DraftPrompt(draft.tokenizer, "", DOCS).cache_chunks()
-    mine, others, halfs = (_key(model.model, prefix_ids, None).digest for model in (draft, other, half))
+    mine, others, halfs = (entry_key(model.model, prefix_ids, None).digest for model in (draft, other, half))
     assert len({mine, others, halfs}) == 3
     # A file of one model put under another's name is refused by its metadata and rebuilt.
     (tmp_path / f"{others}.safetensors").write_bytes((tmp_path / f"{mine}.safetensors").read_bytes())

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from draft_rag import DraftCache, LoadedModel, cli
 from draft_rag import draft_cache as draft_cache_module
-from draft_rag.draft_cache import DIRECTORY_MODE, FILE_MODE, _checksum, model_fingerprint
+from draft_rag.draft_cache import model_fingerprint
+from draft_rag.draft_cache.store import DIRECTORY_MODE, FILE_MODE, file_checksum
 from tests.test_draft_cache import DOCS, LONG_DOC, QUERY, make, scores
 from tests.tiny import tiny_model
 
@@ -83,7 +84,7 @@ def test_an_entry_cut_to_fewer_layers_is_rebuilt(draft, tmp_path, checksum):
     def cut(tensors, metadata):
         tensors["keys"], tensors["values"] = tensors["keys"][:1].clone(), tensors["values"][:1].clone()
         if checksum == "recomputed":  # a well-formed file of the wrong shape: the shape check must catch it
-            metadata["checksum"] = _checksum(tensors)
+            metadata["checksum"] = file_checksum(tensors)
 
     expected = make(draft, DraftCache()).compress(QUERY, DOCS).texts
     make(draft, DraftCache(directory=tmp_path)).warm(DOCS)
@@ -267,14 +268,14 @@ class CountedEncode:
 
 @pytest.fixture
 def counted(monkeypatch):
-    counted = CountedEncode(draft_cache_module._encode)
+    counted = CountedEncode(draft_cache_module.encode_chunk)
     result = Future.result
 
     def counting_result(self, timeout=None):
         counted.waiting.release()
         return result(self, timeout)
 
-    monkeypatch.setattr(draft_cache_module, "_encode", counted)
+    monkeypatch.setattr(draft_cache_module, "encode_chunk", counted)
     monkeypatch.setattr(Future, "result", counting_result)
     return counted
 

@@ -218,7 +218,9 @@ def test_lazy_builds_once_when_threads_race():
     import threading
     import time
 
-    lazy: models.Lazy[object] = models.Lazy()
+    from draft_rag.adapters import Lazy
+
+    lazy: Lazy[object] = Lazy()
     builds = []
 
     def build():

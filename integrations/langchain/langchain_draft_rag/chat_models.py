@@ -18,7 +18,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import RunnableConfig, get_config_list
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, Lazy
+from draft_rag.adapters import Lazy, SpecKVAdapter, call_options, chat_role, model_label, next_piece, usage
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
 if TYPE_CHECKING:
     from draft_rag import GenerationResult, SpecKV
@@ -35,7 +36,7 @@ _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "seed")
 _BATCHED: ContextVar[dict[str, list[GenerationResult]] | None] = ContextVar("draft_rag_batched", default=None)
 
 
-class ChatDraftRAG(BaseChatModel):
+class ChatDraftRAG(SpecKVAdapter, BaseChatModel):
     """A local target model whose KV cache is compressed by :class:`draft_rag.SpecKV` while it generates.
 
     ``method="speckv"`` lets a small draft model write an approximate answer first and keeps, per KV head,
@@ -175,28 +176,9 @@ class ChatDraftRAG(BaseChatModel):
             params["ls_stop"] = stop or self.stop
         return params
 
-    @property
-    def engine(self) -> SpecKV:
-        """The underlying :class:`draft_rag.SpecKV` for the current settings, built on first access."""
-        from draft_rag import SpecKV
-
-        # dict() rejects a setting given twice (as a field and in speckv_kwargs) instead of picking one.
-        settings = dict(
-            target=self.target, draft=self.draft, method=self.method, budget=self.budget,
-            window_size=self.window_size, prompt_budget=self.prompt_budget, **self.speckv_kwargs,
-        )
-        return self._engine.get(lambda: SpecKV(**settings), settings)
-
     def _generation_kwargs(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``SpecKV.generate`` keyword arguments: the instance's settings overridden by per-call ones."""
-        unknown = set(kwargs) - set(_CALL_OPTIONS)
-        if unknown:
-            msg = (
-                f"ChatDraftRAG got unknown call options {sorted(unknown)}; per call it accepts "
-                f"{list(_CALL_OPTIONS)} and stop."
-            )
-            raise TypeError(msg)
-        options = {name: kwargs.get(name, getattr(self, name)) for name in _CALL_OPTIONS}
+        options = call_options(self, kwargs, _CALL_OPTIONS, also="stop")
         return {
             "max_new_tokens": options["max_tokens"],
             "temperature": options["temperature"],
@@ -315,9 +297,7 @@ class ChatDraftRAG(BaseChatModel):
             result = waiting.pop(0)
         else:
             result = self.engine.generate(to_chat_messages(messages), **self._generation_kwargs(stop, kwargs))
-        message = AIMessage(
-            content=result.text, usage_metadata=usage(result), response_metadata=self._response_metadata(result)
-        )
+        message = AIMessage(content=result.text, **self._metadata(result))
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     async def _agenerate(
@@ -368,45 +348,28 @@ class ChatDraftRAG(BaseChatModel):
 
     def _last_chunk(self, result: GenerationResult) -> ChatGenerationChunk:
         """The chunk that ends a stream: no text, the usage and the finish reason."""
-        message = AIMessageChunk(
-            content="", usage_metadata=usage(result), response_metadata=self._response_metadata(result),
-            chunk_position="last",
-        )
+        message = AIMessageChunk(content="", chunk_position="last", **self._metadata(result))
         return ChatGenerationChunk(message=message)
 
-    def _response_metadata(self, result: GenerationResult) -> dict[str, Any]:
-        return {
+    def _metadata(self, result: GenerationResult) -> dict[str, Any]:
+        """The usage and response metadata of the message that ends an answer: the usage report, LangChain's way."""
+        report = usage(result)
+        token_counts = UsageMetadata(
+            input_tokens=report["prompt_tokens"],
+            output_tokens=report["completion_tokens"],
+            total_tokens=report["total_tokens"],
+        )
+        response = {
             "model_name": self.model_name,
-            "finish_reason": result.finish_reason,
+            "finish_reason": report["finish_reason"],
             "method": self.method,
-            "kv_entries_kept": result.kv_entries_kept,
-            "kv_entries_full": result.kv_entries_full,
+            "kv_entries_kept": report["kv_entries_kept"],
+            "kv_entries_full": report["kv_entries_full"],
             "kv_bytes_kept": result.kv_bytes_kept,
             "kv_bytes_full": result.kv_bytes_full,
-            "timings": dict(result.timings),
+            "timings": report["timings"],
         }
-
-
-def model_label(model: Any) -> str:
-    """A model's name: the string it is given by, or the name a loaded model was loaded under."""
-    return model if isinstance(model, str) else getattr(model, "name", "") or "local"
-
-
-def next_piece(pieces: Generator[str, None, GenerationResult]) -> str | GenerationResult:
-    """The next streamed text piece, or the stream's :class:`GenerationResult` once it is finished."""
-    try:
-        return next(pieces)
-    except StopIteration as finished:
-        return finished.value
-
-
-def usage(result: GenerationResult) -> UsageMetadata:
-    """Token counts of one generation."""
-    return UsageMetadata(
-        input_tokens=result.prompt_tokens,
-        output_tokens=result.completion_tokens,
-        total_tokens=result.prompt_tokens + result.completion_tokens,
-    )
+        return {"usage_metadata": token_counts, "response_metadata": response}
 
 
 def _prompt_key(messages: Sequence[BaseMessage]) -> str:
@@ -430,13 +393,8 @@ def message_role(index: int, message: BaseMessage) -> str:
         msg = f"messages[{index}] holds tool calls; ChatDraftRAG has no tool calling: pass text messages only."
         raise ValueError(msg)
     if isinstance(message, ChatMessage):
-        if message.role not in _ROLES:
-            msg = (
-                f"messages[{index}] has the role {message.role!r}, which the chat template does not know; "
-                f"use one of {sorted(_ROLES)}."
-            )
-            raise ValueError(msg)
-        return _ROLES[message.role]
+        problem = f"has the role {message.role!r}, which the chat template does not know"
+        return chat_role(index, message.role, _ROLES, problem)
     if isinstance(message, SystemMessage):
         return "system"
     if isinstance(message, HumanMessage):

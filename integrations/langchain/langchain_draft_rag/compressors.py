@@ -9,14 +9,14 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
-from draft_rag.adapter_support import adapter_specpc, check_list, check_query, checked_cache, require_cache
-from draft_rag.models import DEFAULT_DRAFT, Lazy
+from draft_rag.adapters import Lazy, SpecPCAdapter, check_list, check_query, checked_cache, require_cache
+from draft_rag.models import DEFAULT_DRAFT
 
 if TYPE_CHECKING:
     from draft_rag import DraftCache, SpecPC
 
 
-class DraftContextCompressor(BaseDocumentCompressor):
+class DraftContextCompressor(SpecPCAdapter, BaseDocumentCompressor):
     """Shorten retrieved documents to what a small draft model attends to when reading the query.
 
     Runs :class:`draft_rag.SpecPC` over all retrieved documents at once, so that together they keep at most
@@ -117,14 +117,6 @@ class DraftContextCompressor(BaseDocumentCompressor):
     """A ``draft_rag.DraftCache`` of each document's draft K/V, reused across queries and compressors (None: none)."""
 
     _specpc: Lazy[SpecPC] = PrivateAttr(default_factory=Lazy)
-
-    @property
-    def specpc(self) -> SpecPC:
-        """The underlying :class:`draft_rag.SpecPC` for the current settings (its model loads on first use)."""
-        return adapter_specpc(
-            self._specpc, self.specpc_kwargs,
-            draft=self.draft, budget=self.budget, target_tokenizer=self.target_tokenizer, cache=self.cache,
-        )
 
     @field_validator("cache")
     @classmethod

@@ -7,7 +7,8 @@ from typing import Any
 
 from langchain_core.documents import BaseDocumentTransformer, Document
 
-from langchain_draft_rag.compressors import DraftContextCompressor, require_cache
+from draft_rag.adapters import require_cache
+from langchain_draft_rag.compressors import DraftContextCompressor
 
 
 class DraftCacheWarmer(BaseDocumentTransformer):

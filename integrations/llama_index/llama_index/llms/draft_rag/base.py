@@ -28,8 +28,18 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import AliasChoices
 
-from draft_rag.adapter_support import check_keywords, check_picklable
-from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, Lazy
+from draft_rag.adapters import (
+    Lazy,
+    SpecKVAdapter,
+    call_options,
+    chat_role,
+    check_keywords,
+    check_picklable,
+    model_label,
+    next_piece,
+    usage,
+)
+from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
 if TYPE_CHECKING:
     from draft_rag import GenerationResult, SpecKV
@@ -43,7 +53,7 @@ _ROLES = {
 _CALL_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
 
 
-class DraftRAGLLM(CustomLLM):
+class DraftRAGLLM(SpecKVAdapter, CustomLLM):
     """A local target model whose KV cache is compressed by :class:`draft_rag.SpecKV` while it generates.
 
     ``method="speckv"`` lets a small draft model write an approximate answer first and keeps, per KV head,
@@ -130,42 +140,19 @@ class DraftRAGLLM(CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        name = self.target if isinstance(self.target, str) else getattr(self.target, "name", "") or "local"
         return LLMMetadata(
             context_window=self.context_window or self.engine.target.max_context,
             num_output=self.max_new_tokens,
             is_chat_model=True,
-            model_name=name,
+            model_name=model_label(self.target),
         )
-
-    @property
-    def engine(self) -> SpecKV:
-        """The underlying :class:`draft_rag.SpecKV` for the current settings, built on first access."""
-        from draft_rag import SpecKV
-
-        # dict() rejects a setting given twice (as a field and in speckv_kwargs) instead of picking one.
-        settings = dict(
-            target=self.target, draft=self.draft, method=self.method, budget=self.budget,
-            prompt_budget=self.prompt_budget,
-            window_size=self.window_size, **self.speckv_kwargs,
-        )
-        return self._engine.get(lambda: SpecKV(**settings), settings)
 
     def _generation_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``SpecKV.generate`` keyword arguments: the instance's settings overridden by per-call ones."""
-        unknown = sorted(set(kwargs) - {*_CALL_OPTIONS, "max_tokens"})
-        if unknown:
-            msg = (
-                f"DraftRAGLLM got unknown options {unknown}; per call it accepts {list(_CALL_OPTIONS)} "
-                "and max_tokens (an alias of max_new_tokens)."
-            )
-            raise TypeError(msg)
-        if "max_tokens" in kwargs:
-            if "max_new_tokens" in kwargs:
-                msg = "DraftRAGLLM got both max_tokens and max_new_tokens; pass one of them (they mean the same)."
-                raise TypeError(msg)
-            kwargs = {**kwargs, "max_new_tokens": kwargs["max_tokens"]}
-        return {name: kwargs.get(name, getattr(self, name)) for name in _CALL_OPTIONS}
+        return call_options(
+            self, kwargs, _CALL_OPTIONS, also="max_tokens (an alias of max_new_tokens)",
+            aliases={"max_tokens": "max_new_tokens"},
+        )
 
     def _generate(self, prompt: Prompt, kwargs: dict[str, Any]) -> CompletionResponse:
         result = self.engine.generate(prompt, **self._generation_kwargs(kwargs))
@@ -221,27 +208,6 @@ class DraftRAGLLM(CustomLLM):
         return astream_completion_response_to_chat_response(aresponses(pieces))
 
 
-def usage(result: GenerationResult) -> dict[str, Any]:
-    """Token counts and timings of one generation, as LlamaIndex ``additional_kwargs``."""
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
-        "finish_reason": result.finish_reason,
-        "kv_entries_kept": result.kv_entries_kept,
-        "kv_entries_full": result.kv_entries_full,
-        "timings": dict(result.timings),
-    }
-
-
-def next_piece(pieces: Generator[str, None, GenerationResult]) -> str | GenerationResult:
-    """The next streamed text piece, or the stream's :class:`GenerationResult` once it is finished."""
-    try:
-        return next(pieces)
-    except StopIteration as finished:
-        return finished.value
-
-
 def responses(pieces: Generator[str, None, GenerationResult]) -> CompletionResponseGen:
     """Streamed pieces as responses with the text so far and the new piece; the last one carries the usage."""
     text = ""
@@ -268,13 +234,8 @@ def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     """LlamaIndex chat messages as ``{"role", "content"}`` dicts for the chat template, content as plain text."""
     converted = []
     for index, message in enumerate(messages):
-        role = _ROLES.get(message.role)
-        if role is None:
-            msg = (
-                f"messages[{index}] is a {message.role.value!r} message; DraftRAGLLM has no tool calling: pass "
-                f"{', '.join(sorted({r.value for r in _ROLES}))} messages."
-            )
-            raise ValueError(msg)
+        problem = f"is a {message.role.value!r} message; DraftRAGLLM has no tool calling"
+        role = chat_role(index, message.role, _ROLES, problem)
         if message.additional_kwargs.get("tool_calls"):
             msg = f"messages[{index}] holds tool calls; DraftRAGLLM has no tool calling: pass text messages only."
             raise ValueError(msg)

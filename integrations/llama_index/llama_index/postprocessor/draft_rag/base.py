@@ -18,8 +18,9 @@ from llama_index.core.schema import (
     TextNode,
 )
 
-from draft_rag.adapter_support import (
-    adapter_specpc,
+from draft_rag.adapters import (
+    Lazy,
+    SpecPCAdapter,
     check_keywords,
     check_list,
     check_picklable,
@@ -27,7 +28,7 @@ from draft_rag.adapter_support import (
     checked_cache,
     require_cache,
 )
-from draft_rag.models import DEFAULT_DRAFT, Lazy
+from draft_rag.models import DEFAULT_DRAFT
 
 if TYPE_CHECKING:
     from draft_rag import CompressedDocument, DraftCache, SpecPC
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 _NOT_LISTS = (dict, BaseNode, NodeWithScore)
 
 
-class DraftNodePostprocessor(BaseNodePostprocessor):
+class DraftNodePostprocessor(SpecPCAdapter, BaseNodePostprocessor):
     """Shorten retrieved nodes to what a small draft model attends to when reading the query.
 
     Runs :class:`draft_rag.SpecPC` over the text of all text nodes at once, so that together they keep at
@@ -129,14 +130,6 @@ class DraftNodePostprocessor(BaseNodePostprocessor):
     def __getstate__(self) -> dict[str, Any]:
         check_picklable(self, "draft")
         return super().__getstate__()
-
-    @property
-    def specpc(self) -> SpecPC:
-        """The underlying :class:`draft_rag.SpecPC` for the current settings (its model loads on first use)."""
-        return adapter_specpc(
-            self._specpc, self.specpc_kwargs,
-            draft=self.draft, budget=self.budget, target_tokenizer=self.target_tokenizer, cache=self.cache,
-        )
 
     @field_validator("cache")
     @classmethod

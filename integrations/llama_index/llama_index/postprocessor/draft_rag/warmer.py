@@ -9,7 +9,9 @@ from typing import Any
 
 from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, model_validator
 from llama_index.core.schema import BaseNode, TransformComponent
-from llama_index.postprocessor.draft_rag.base import DraftNodePostprocessor, require_cache
+from llama_index.postprocessor.draft_rag.base import DraftNodePostprocessor
+
+from draft_rag.adapters import require_cache
 
 
 class DraftCacheWarmer(TransformComponent):

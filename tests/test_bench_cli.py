@@ -115,7 +115,7 @@ def test_report_only_merges_the_runs_of_two_machines(tmp_path, capsys):
 
 
 def test_tiny_bench_answers_book_qa_with_specpc_and_its_variants(tmp_path):
-    from draft_rag.bench.tasks import book_questions
+    from draft_rag.bench.book_qa import book_questions
 
     methods = ["full", "specpc", "specpc-cached", "specpc-2pass", "embedding", "truncate"]
     args = ["bench", "--preset", "tiny", "--tasks", "book_qa", "--methods", *methods, "--budgets", "64",

@@ -15,16 +15,14 @@ import time
 import pytest
 
 from draft_rag.bench import llmlingua_worker
-from draft_rag.bench.methods import (
+from draft_rag.bench.longllmlingua import (
     LLMLINGUA_PYTHON,
     LLMLinguaWorker,
     LongLLMLingua,
-    PromptCompression,
-    build_methods,
     llmlingua_compressors,
     llmlingua_python,
-    unavailable_reason,
 )
+from draft_rag.bench.methods import PromptCompression, build_methods, unavailable_reason
 from draft_rag.bench.tasks import TaskGenerator
 from tests.tiny import tiny_tokenizer
 

@@ -5,16 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from draft_rag.bench import tasks
+from draft_rag.bench import prose, tasks
+from draft_rag.bench.book_qa import book_questions
+from draft_rag.bench.prose import book_text, prose_sentences
 from draft_rag.bench.tasks import (
     DEFAULT_TASKS,
     TASKS,
     Sample,
     TaskGenerator,
-    book_questions,
-    book_text,
     build_prompt,
-    prose_sentences,
     string_match,
 )
 from tests.tiny import tiny_tokenizer
@@ -225,7 +224,7 @@ def test_book_qa_retrieves_the_chunks_most_like_the_question():
     generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=128, embed=words_embedding)
     question = BOOK_QA[0]
     sample = generator.sample("book_qa", 1500, 0)
-    chunks, vectors = generator._book_chunks(question.book)
+    chunks, vectors = generator._book_qa._book_chunks(question.book)
     kept = {c.text for c in chunks} & set(sample.documents)
     assert len(kept) == len(sample.documents)
     similarity = vectors @ words_embedding([question.question])[0]
@@ -252,7 +251,7 @@ def test_book_qa_is_registered_but_not_a_default():
 
 
 def test_haystacks_read_only_the_haystack_books():
-    assert tasks.HAYSTACK_BOOKS == ("alice_in_wonderland", "legend_of_sleepy_hollow", "yellow_wallpaper")
+    assert prose.HAYSTACK_BOOKS == ("alice_in_wonderland", "legend_of_sleepy_hollow", "yellow_wallpaper")
     douglass = book_text("narrative_of_frederick_douglass")
     assert not any(sentence in douglass for sentence in prose_sentences()[-50:])
     assert prose_sentences()[-1] in book_text("yellow_wallpaper")

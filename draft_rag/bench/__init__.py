@@ -1,10 +1,12 @@
 """``draft-rag bench``: RULER-style tasks, the methods compared, a resumable runner and the report.
 
-- :mod:`draft_rag.bench.tasks`: seeded task generators at a requested length in target tokens, and ``book_qa``,
-  hand-written questions over real books with retrieved context.
+- :mod:`draft_rag.bench.tasks`: seeded task generators at a requested length in target tokens, over the prose of
+  :mod:`draft_rag.bench.prose`; :mod:`draft_rag.bench.book_qa`: hand-written questions over real books with
+  retrieved context.
 - :mod:`draft_rag.bench.methods`: ``full``, prompt-side (SpecPC and its variants: over a warm draft cache,
   two-pass (:mod:`draft_rag.bench.two_pass`) and with a long lookahead; its SnapKV-style ablation, truncation,
-  embedding filter) and KV-side (SpecKV, SnapKV, StreamingLLM) methods behind one interface.
+  embedding filter, LongLLMLingua (:mod:`draft_rag.bench.longllmlingua`)) and KV-side (SpecKV, SnapKV,
+  StreamingLLM) methods behind one interface.
 - :mod:`draft_rag.bench.runner`: one JSON row per sample x method x budget, resumable.
 - :mod:`draft_rag.bench.hardware`: the hardware label every row records, so rows timed elsewhere are not mixed.
 - :mod:`draft_rag.bench.report`: ``summary.md`` (Wilson intervals), ``accuracy_vs_budget.png`` and

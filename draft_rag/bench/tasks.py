@@ -4,7 +4,8 @@ Every sample is a list of context documents (the context split into chunks of ab
 target tokens, as a retriever would return them), a question, gold answers and a scoring rule. Samples
 are deterministic: the same tokenizer, seed, task, length and index always give the same sample.
 
-Tasks (haystacks are real public-domain prose from ``draft_rag/bench/data``):
+Tasks (haystacks are real public-domain prose from ``draft_rag/bench/data``, read by
+:mod:`draft_rag.bench.prose`):
 
 - ``niah_single``: one "special magic number" sentence hidden in the prose; ask for it.
 - ``niah_multikey``: the same plus three distractor needles with other keys.
@@ -23,13 +24,8 @@ Tasks (haystacks are real public-domain prose from ``draft_rag/bench/data``):
   with 4821937.", with three more person/locker/code chains as distractors, every sentence in a document
   of its own. The question names the person and asks for the parcel's seven-digit code, so the fact that
   holds the answer shares no word with it: only a reader that follows the locker's name finds it.
-- ``book_qa``: questions written and checked by hand over six public-domain books
-  (``draft_rag/bench/data/book_qa.jsonl``; sample ``i`` is question ``i``, the same for every seed), some
-  needing two passages of the book (``hops: 2``). The context is retrieved as a RAG pipeline would: the book
-  split into sentence-aligned chunks of about ``chunk_tokens`` target tokens, the chunks most similar to the
-  question (the packaged all-MiniLM-L6-v2, on the CPU) up to the requested length, in book order; the chunks
-  holding the question's evidence are always included (even past the length), so the full context can
-  answer every question.
+- ``book_qa``: questions written and checked by hand over six public-domain books, with the context a RAG
+  retriever gives; see :mod:`draft_rag.bench.book_qa`.
 
 Scoring follows RULER's string match: a gold answer counts when it occurs in the prediction
 (case-insensitive); tasks with several answers score the fraction found (``qa`` and ``book_qa`` list
@@ -38,20 +34,19 @@ alternatives, any of which counts).
 
 from __future__ import annotations
 
-import functools
 import itertools
-import json
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from draft_rag.bench.prose import prose_sentences, prose_words
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-DATA_DIR = Path(__file__).parent / "data"
+    from draft_rag.bench.book_qa import BookQA
+
 TASKS = (
     "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words", "qa",
     "multivalue_spread", "two_hop", "book_qa",
@@ -62,21 +57,6 @@ context and that need different things from a compressor (one fact among distrac
 questions, four facts in four documents, a two-step chain). ``variable_tracking`` is left out: with the full
 context the 1.5B target names only the first variable of the chain (20%), so it measures the target, not the
 compressors."""
-
-HAYSTACK_BOOKS = ("alice_in_wonderland", "legend_of_sleepy_hollow", "yellow_wallpaper")
-"""The books (in ``DATA_DIR``) whose prose fills the synthetic tasks' haystacks; ``book_qa`` asks about these and
-the other books there."""
-BOOK_QA_FILE = DATA_DIR / "book_qa.jsonl"
-BOOK_TITLES = {
-    "alice_in_wonderland": "Alice's Adventures in Wonderland",
-    "legend_of_sleepy_hollow": "The Legend of Sleepy Hollow",
-    "modest_proposal": "A Modest Proposal",
-    "narrative_of_frederick_douglass": "Narrative of the Life of Frederick Douglass",
-    "simple_sabotage_field_manual": "the Simple Sabotage Field Manual",
-    "yellow_wallpaper": "The Yellow Wallpaper",
-}
-# A sentence ends at . ! or ? followed by whitespace and a capital or an opening quote.
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“‘'])")
 
 ADJECTIVES = (
     "amber", "brave", "calm", "dusty", "eager", "fancy", "gentle", "hollow", "icy", "jolly", "keen",
@@ -156,93 +136,6 @@ def build_prompt(instruction: str, documents: list[str], question: str) -> str:
     return "\n\n".join([instruction, *blocks, f"Question: {question}\nAnswer briefly."])
 
 
-@functools.lru_cache(maxsize=1)
-def prose_sentences() -> tuple[str, ...]:
-    """The sentences of the bundled public-domain books, in reading order, whitespace normalised."""
-    sentences: list[str] = []
-    for book in HAYSTACK_BOOKS:
-        for text in book_paragraphs(book):
-            # Titles, headings and verse lines are short; narrative paragraphs are not.
-            if len(text) < 80:
-                continue
-            sentences.extend(s for s in _SENTENCE_BREAK.split(text) if s)
-    return tuple(sentences)
-
-
-def book_paragraphs(book: str) -> list[str]:
-    """The paragraphs of ``DATA_DIR/<book>.txt`` (split at blank lines), whitespace normalised, empty ones left out.
-
-    Joined by single spaces they make :func:`book_text`."""
-    text = (DATA_DIR / f"{book}.txt").read_text(encoding="utf-8")
-    return [" ".join(paragraph.split()) for paragraph in re.split(r"\n\s*\n", text) if paragraph.strip()]
-
-
-def book_text(book: str) -> str:
-    """The text of a bundled book with every run of whitespace (the line wrapping) made one space: where
-    ``book_qa``'s evidence quotes are found."""
-    return " ".join(book_paragraphs(book))
-
-
-@dataclass(frozen=True)
-class BookQuestion:
-    """One hand-written ``book_qa`` question (a line of ``book_qa.jsonl``).
-
-    Attributes:
-        id: a stable name, e.g. ``"douglass-07"``.
-        book: the book's file name in ``DATA_DIR`` without ``.txt``.
-        question: asked after the context.
-        answers: gold answers, any of which counts (case-insensitive substring of the prediction).
-        hops: 1, or 2 when the answer needs two passages of the book: the first evidence quote leads to the
-            second, which holds the answer.
-        evidence: quotes of the book (as :func:`book_text` has it) that answer the question.
-        note: how an answer that is not written in the evidence follows from it (e.g. a number in digits).
-    """
-
-    id: str
-    book: str
-    question: str
-    answers: tuple[str, ...]
-    hops: int
-    evidence: tuple[str, ...]
-    note: str = ""
-
-
-@functools.lru_cache(maxsize=1)
-def book_questions() -> tuple[BookQuestion, ...]:
-    """The ``book_qa`` questions, in file order (sample ``i`` is question ``i``)."""
-    questions = []
-    for line in BOOK_QA_FILE.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            item = json.loads(line)
-            questions.append(BookQuestion(
-                id=item["id"], book=item["book"], question=item["question"], answers=tuple(item["answers"]),
-                hops=item["hops"], evidence=tuple(item["evidence"]), note=item.get("note", ""),
-            ))
-    return tuple(questions)
-
-
-@dataclass(frozen=True)
-class BookChunk:
-    """A run of whole sentences of a book, about ``chunk_tokens`` long.
-
-    Attributes:
-        text: the sentences, with a blank line where a paragraph ends.
-        start, end: where they lie in :func:`book_text`.
-        tokens: target tokens of the sentences.
-    """
-
-    text: str
-    start: int
-    end: int
-    tokens: int
-
-
-@functools.lru_cache(maxsize=1)
-def prose_words() -> tuple[str, ...]:
-    """Distinct lowercase words of 5 to 10 letters from the bundled books, sorted (the word pool)."""
-    words = {w.lower() for s in prose_sentences() for w in re.findall(r"\b[A-Za-z]{5,10}\b", s)}
-    return tuple(sorted(words))
-
 
 @dataclass
 class _Draft:
@@ -286,7 +179,7 @@ class TaskGenerator:
         self.chunk_tokens = chunk_tokens
         self.embed = embed
         self._sentence_tokens: list[int] | None = None
-        self._books: dict[str, tuple[list[BookChunk], Any]] = {}
+        self._book_qa: BookQA | None = None
 
     def samples(self, task: str, length: int, count: int) -> list[Sample]:
         """``count`` samples of ``task`` at ``length`` tokens (indices ``0 .. count-1``)."""
@@ -298,7 +191,12 @@ class TaskGenerator:
             msg = f"Unknown task {task!r}; choose from {', '.join(TASKS)}."
             raise ValueError(msg)
         if task == "book_qa":
-            return self._book_qa(length, index)
+            if self._book_qa is None:
+                # Imported here, not at the top: book_qa builds this module's Samples.
+                from draft_rag.bench.book_qa import BookQA
+
+                self._book_qa = BookQA(self.tokenizer, self.chunk_tokens, self.embed, self._context_tokens)
+            return self._book_qa.sample(length, index)
         rng = random.Random(f"{self.seed}/{task}/{length}/{index}")
         draft = _TASK_BUILDERS[task](rng)
         context_tokens = self._context_tokens(draft.instruction, draft.question, length)
@@ -352,78 +250,6 @@ class TaskGenerator:
         header = self._count("\n\n[Document 10]\n")
         return (length - overhead) * self.chunk_tokens // (self.chunk_tokens + header)
 
-    def _book_qa(self, length: int, index: int) -> Sample:
-        """Question ``index`` of ``book_qa`` over its book's chunks: the evidence chunks, then the chunks most similar
-        to the question while they fit ``length``, in book order."""
-        import numpy as np
-
-        questions = book_questions()
-        if not 0 <= index < len(questions):
-            msg = (
-                f"book_qa has {len(questions)} questions, so sample index {index} does not exist; "
-                f"ask for at most {len(questions)} samples."
-            )
-            raise ValueError(msg)
-        item = questions[index]
-        instruction = f"Read the following passages from {BOOK_TITLES[item.book]} and answer the question after them."
-        chunks, vectors = self._book_chunks(item.book)
-        text = book_text(item.book)
-        spans = [(start, start + len(quote)) for quote in item.evidence if (start := text.find(quote)) >= 0]
-        if len(spans) < len(item.evidence):
-            msg = f"book_qa question {item.id!r} quotes text that {item.book}.txt does not hold."
-            raise ValueError(msg)
-        chosen = {i for i, c in enumerate(chunks) for start, end in spans if c.start < end and start < c.end}
-        budget = self._context_tokens(instruction, item.question, length) - sum(chunks[i].tokens for i in chosen)
-        query = np.asarray(self._embedder()([item.question]), dtype=np.float32)[0]
-        # Rounded so that the last digits of a float sum, which differ between CPUs, cannot reorder the chunks.
-        similarity = np.round(vectors @ query, 4)
-        for i in sorted(range(len(chunks)), key=lambda i: (-similarity[i], i)):
-            if i in chosen:
-                continue
-            if chunks[i].tokens > budget:
-                break
-            chosen.add(i)
-            budget -= chunks[i].tokens
-        return Sample(
-            task="book_qa",
-            length=length,
-            sample_id=index,
-            instruction=instruction,
-            documents=[chunks[i].text for i in sorted(chosen)],
-            question=item.question,
-            answers=list(item.answers),
-            metric="any",
-        )
-
-    def _book_chunks(self, book: str) -> tuple[list[BookChunk], Any]:
-        """The book's chunks and their embeddings (made once per book)."""
-        import numpy as np
-
-        if book not in self._books:
-            units = [(sentence, k == 0) for paragraph in book_paragraphs(book)
-                     for k, sentence in enumerate(_SENTENCE_BREAK.split(paragraph))]
-            ids = self.tokenizer([" " + s for s, _ in units], add_special_tokens=False)["input_ids"]
-            chunks: list[BookChunk] = []
-            pieces: list[str] = []
-            start = position = size = 0
-            for (sentence, first), tokens in zip(units, map(len, ids), strict=True):
-                if pieces and size + tokens > self.chunk_tokens:
-                    chunks.append(BookChunk("".join(pieces), start, position - 1, size))
-                    pieces, start, size = [], position, 0
-                pieces.append(("\n\n" if first else " ") + sentence if pieces else sentence)
-                position += len(sentence) + 1
-                size += tokens
-            chunks.append(BookChunk("".join(pieces), start, position - 1, size))
-            vectors = np.asarray(self._embedder()([c.text for c in chunks]), dtype=np.float32)
-            self._books[book] = (chunks, vectors)
-        return self._books[book]
-
-    def _embedder(self) -> Callable[[list[str]], Any]:
-        if self.embed is None:
-            from draft_rag.baselines import EmbeddingFilter
-
-            self.embed = EmbeddingFilter(self.tokenizer).embedder()
-        return self.embed
 
     def _count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

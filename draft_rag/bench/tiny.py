@@ -50,7 +50,7 @@ def train_tokenizer(
 @functools.lru_cache(maxsize=1)
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A 512-token BPE tokenizer trained on the bundled prose."""
-    from draft_rag.bench.tasks import prose_sentences
+    from draft_rag.bench.prose import prose_sentences
 
     return train_tokenizer(prose_sentences()[:2000], 512)
 

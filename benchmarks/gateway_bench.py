@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,50 +89,12 @@ def upstream_server(args: argparse.Namespace) -> Iterator[str]:
         yield args.upstream.rstrip("/")
         return
     from draft_rag.packaged import packaged_gguf
+    from draft_rag.serve.launch import llama_cpp_server
 
-    with tempfile.TemporaryDirectory() as scratch:
-        port = _free_port()
-        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(packaged_gguf(DEFAULT_TARGET)),
-                   "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", str(args.threads),
-                   "--n_threads_batch", str(args.threads), "--verbose", "False"]
-        log = Path(scratch) / "llama-cpp.log"
-        with open(log, "w") as sink:
-            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}/v1"
-            _wait_ready(f"{url}/models", process, log)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, seconds: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + seconds
-    while True:
-        if process.poll() is not None:
-            msg = f"llama.cpp exited ({process.returncode}):\n{log.read_text(errors='replace')[-3000:]}"
-            raise RuntimeError(msg)
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            msg = f"llama.cpp was not ready within {seconds:.0f} s"
-            raise RuntimeError(msg)
-        time.sleep(0.5)
+    with tempfile.TemporaryDirectory() as scratch, llama_cpp_server(
+            packaged_gguf(DEFAULT_TARGET), threads=args.threads, batch_threads=args.threads,
+            log_path=Path(scratch) / "llama-cpp.log") as url:
+        yield url
 
 
 def _stub_upstream() -> Any:

@@ -25,7 +25,6 @@ the documents as they are, for comparison):
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -78,40 +77,17 @@ def gateway_figures(message: Any) -> dict[str, str]:
 @contextlib.contextmanager
 def started_servers(args: Any, llama_port: int = 8080, gateway_port: int = 8100) -> Iterator[str]:
     """llama.cpp on the packaged target and the gateway in front of it (``--budget``, ``--draft``, ``--cache-dir``),
-    as two processes; yields the gateway's URL."""
-    import httpx
-
+    as two processes, llama.cpp first; yields the gateway's URL once both answer, and stops both after."""
     from draft_rag.models import DEFAULT_TARGET
     from draft_rag.packaged import packaged_gguf
+    from draft_rag.serve.launch import llama_cpp_server, started
 
-    commands = [
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(packaged_gguf(DEFAULT_TARGET)), "--host", "127.0.0.1",
-         "--port", str(llama_port), "--n_ctx", "4096", "--n_threads", "2", "--verbose", "False"],
-        [sys.executable, "-m", "draft_rag.cli", "serve", "--upstream", f"http://127.0.0.1:{llama_port}/v1",
-         "--port", str(gateway_port), "--budget", str(args.budget), "--draft", args.draft, "--log-level", "warning",
-         *(["--cache-dir", str(args.cache_dir)] if args.cache_dir else [])],
-    ]
-    processes = [subprocess.Popen(command) for command in commands]
-    try:
-        for url in (f"http://127.0.0.1:{llama_port}/v1/models", f"http://127.0.0.1:{gateway_port}/health"):
-            deadline = time.monotonic() + 600
-            while True:
-                if any(p.poll() is not None for p in processes):
-                    msg = "a server exited while starting; see its output above"
-                    raise RuntimeError(msg)
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(url, timeout=5).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    msg = f"{url} was not ready within 10 minutes"
-                    raise RuntimeError(msg)
-                time.sleep(1)
+    gateway = [sys.executable, "-m", "draft_rag.cli", "serve", "--upstream", f"http://127.0.0.1:{llama_port}/v1",
+               "--port", str(gateway_port), "--budget", str(args.budget), "--draft", args.draft, "--log-level",
+               "warning", *(["--cache-dir", str(args.cache_dir)] if args.cache_dir else [])]
+    with llama_cpp_server(packaged_gguf(DEFAULT_TARGET), threads=2, port=llama_port), \
+            started(gateway, f"http://127.0.0.1:{gateway_port}/health"):
         yield f"http://127.0.0.1:{gateway_port}/v1"
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
 
 
 def main(argv: list[str] | None = None) -> list[str]:

@@ -10,7 +10,8 @@ One concern per module: :mod:`~draft_rag.serve.settings` (what the gateway is to
 :mod:`~draft_rag.serve.documents` (finding documents and writing the compressed text back; no torch),
 :mod:`~draft_rag.serve.compression` (SpecPC off the event loop, behind a bounded queue),
 :mod:`~draft_rag.serve.upstream` (the pooled HTTP client), :mod:`~draft_rag.serve.metrics` (Prometheus) and
-:mod:`~draft_rag.serve.app` (the routes, built by :func:`~draft_rag.serve.app.create_app`).
+:mod:`~draft_rag.serve.app` (the routes, built by :func:`~draft_rag.serve.app.create_app`); apart from the
+gateway, :mod:`~draft_rag.serve.launch` starts servers such as llama.cpp as child processes.
 Needs ``pip install "draft-rag[serve]"``.
 """
 

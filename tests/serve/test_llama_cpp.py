@@ -7,13 +7,8 @@ and not only the plumbing, which the stub-upstream tests cover.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
@@ -21,7 +16,8 @@ from draft_rag import DraftCache, SpecPC
 from draft_rag.commands.demo import needle_haystack
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
 from draft_rag.packaged import packaged_gguf
-from tests.serve.support import free_port, gateway_on_loopback
+from draft_rag.serve.launch import llama_cpp_server
+from tests.serve.support import gateway_on_loopback
 
 pytestmark = pytest.mark.real_model
 
@@ -32,40 +28,9 @@ STARTUP_S = 300
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory) -> Iterator[str]:
     """``python -m llama_cpp.server`` on a free loopback port, ready to answer; stopped afterwards, always."""
-    gguf = packaged_gguf(DEFAULT_TARGET)
-    port = free_port()
     log = tmp_path_factory.mktemp("llama-cpp") / "server.log"
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", "4096"]
-    with open(log, "w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        with httpx.Client(timeout=5) as client:
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"the llama.cpp server exited ({process.returncode}):\n{_tail(log)}")
-                try:
-                    if client.get(f"{url}/models").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the llama.cpp server was not ready within {STARTUP_S} s:\n{_tail(log)}")
-                time.sleep(0.5)
+    with llama_cpp_server(packaged_gguf(DEFAULT_TARGET), log_path=log, seconds=STARTUP_S) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _tail(log: Path) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-30:])
 
 
 @pytest.fixture(scope="module")

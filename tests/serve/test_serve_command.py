@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,9 +14,9 @@ import psutil
 import pytest
 
 from draft_rag.cli import main
+from draft_rag.serve.launch import free_port, wait_until_ready
 from draft_rag.serve.settings import SETTINGS_ENV, GatewaySettings
 from tests.integrations.test_compression_adapters import QUERY, TEXTS
-from tests.serve.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,20 +84,13 @@ def test_two_workers_share_the_cache_directory(stub, tiny_draft, tmp_path):
     command = [sys.executable, "-m", "draft_rag.cli", "serve", "--upstream", url, "--port", str(port),
                "--workers", "2", "--draft", str(draft_dir), "--dtype", "float32", "--cache-dir",
                str(tmp_path / "cache"), "--budget", "40", "--log-level", "warning"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
+        wait_until_ready(f"{base}/health", [process], 120, log)
         with httpx.Client(timeout=60) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                assert process.poll() is None, process.stdout.read() if process.stdout else ""
-                try:
-                    if client.get(f"{base}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "the workers did not become healthy"
-                time.sleep(0.5)
             workers = psutil.Process(process.pid).children(recursive=True)
             command_lines = [" ".join(worker.cmdline()) for worker in workers]
             answers = [client.post(f"{base}/v1/chat/completions", headers={"authorization": f"Bearer {key}"},

@@ -11,9 +11,10 @@ import httpx
 import pytest
 
 from draft_rag.serve.app import create_app, serve_in_thread
+from draft_rag.serve.launch import free_port
 from draft_rag.serve.settings import GatewaySettings
 from tests.integrations.test_compression_adapters import QUERY, TEXTS
-from tests.serve.support import StubUpstream, asgi_client, free_port, gateway_on_loopback
+from tests.serve.support import StubUpstream, asgi_client, gateway_on_loopback
 from tests.serve.test_errors import assert_error
 
 WITH_DOCUMENTS = {"model": "m", "messages": [{"role": "user", "content": QUERY}], "documents": TEXTS}

@@ -86,11 +86,16 @@ def test_paired_differences_know_their_mean_and_cover_it():
     assert paired_differences([]) == (0.0, 0.0, 0.0)
 
 
-def test_paired_table_compares_each_reference_with_its_side_at_the_same_budget():
+def _paired_rows(rows):
+    """The paired table's rows at 4096 tokens, and the label each starts with."""
     from draft_rag.bench.report import paired_table
 
-    lines = paired_table(ROWS, 4096).splitlines()[2:]
-    labels = [line.split(" | ")[0].lstrip("| ") for line in lines]
+    lines = paired_table(rows, 4096).splitlines()[2:]
+    return lines, [line.split(" | ")[0].lstrip("| ") for line in lines]
+
+
+def test_paired_table_compares_each_reference_with_its_side_at_the_same_budget():
+    lines, labels = _paired_rows(ROWS)
     assert labels == [
         "specpc @ 256 vs full", "specpc @ 256 vs llmlingua @ 256",
         "specpc @ 512 vs full", "specpc @ 512 vs llmlingua @ 512",
@@ -148,7 +153,7 @@ def test_rows_of_one_run_keep_the_plain_latency_heading(tmp_path):
 
 
 def test_specpc_variants_are_paired_with_specpc_and_the_embedding_filter():
-    from draft_rag.bench.report import latency_table, paired_table
+    from draft_rag.bench.report import latency_table
 
     rows = [r for r in ROWS if r["length"] == 4096 and r["method"] in ("full", "specpc")]
     # specpc-cached loses sample 1 at 512 tokens; the embedding filter is right on sample 2 only.
@@ -156,8 +161,7 @@ def test_specpc_variants_are_paired_with_specpc_and_the_embedding_filter():
               else r["accuracy"], "warm_s": 4.0} for r in ROWS if r["length"] == 4096 and r["method"] == "specpc"]
     rows += [{**r, "method": "embedding", "accuracy": float(r["sample_id"] == 2)}
              for r in ROWS if r["length"] == 4096 and r["method"] == "specpc"]
-    lines = paired_table(rows, 4096).splitlines()[2:]
-    labels = [line.split(" | ")[0].lstrip("| ") for line in lines]
+    lines, labels = _paired_rows(rows)
     assert labels == [
         "specpc @ 256 vs full", "specpc @ 256 vs embedding @ 256",
         "specpc @ 512 vs full", "specpc @ 512 vs embedding @ 512",

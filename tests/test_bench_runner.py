@@ -45,6 +45,14 @@ def _methods():
             "speckv": FakeMethod("speckv")}
 
 
+def _run(config, directory, methods=None):
+    """``run_bench`` on tiny samples, without progress bars: its rows, and the methods it ran (fresh fakes unless
+    given), whose ``calls`` say what it computed."""
+    methods = _methods() if methods is None else methods
+    rows = run_bench(config, methods, TaskGenerator(tiny_tokenizer(), chunk_tokens=64), directory, progress=False)
+    return rows, methods
+
+
 CONFIG = BenchConfig(tasks=["niah_single", "qa"], lengths=[600], budgets=[64, 128], kv_budgets=[32], samples=2)
 
 
@@ -58,9 +66,7 @@ def test_plan_runs_full_once_per_sample_and_kv_methods_at_kv_budgets():
 
 
 def test_rows_are_written_and_a_rerun_recomputes_nothing(tmp_path):
-    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
-    methods = _methods()
-    rows = run_bench(CONFIG, methods, generator, tmp_path, progress=False)
+    rows, _ = _run(CONFIG, tmp_path)
     assert len(rows) == 16 == len(read_rows(tmp_path / RESULTS_FILE))
     keys = {"task", "length", "sample_id", "method", "budget", "accuracy", "compress_s", "answer_s",
             "peak_rss_mb", "kv_bytes", "prompt_tokens", "answer"}
@@ -69,20 +75,18 @@ def test_rows_are_written_and_a_rerun_recomputes_nothing(tmp_path):
     assert by_setting[("specpc", 64)] == 0.0 and by_setting[("specpc", 128)] == 1.0
     assert by_setting[("full", None)] == 1.0
 
-    again = _methods()
-    assert len(run_bench(CONFIG, again, generator, tmp_path, progress=False)) == 16
+    rerun, again = _run(CONFIG, tmp_path)
+    assert len(rerun) == 16
     assert all(not m.calls for m in again.values())
 
 
 def test_an_interrupted_run_resumes_with_the_missing_rows(tmp_path):
-    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
-    run_bench(CONFIG, _methods(), generator, tmp_path, progress=False)
+    _run(CONFIG, tmp_path)
     path = tmp_path / RESULTS_FILE
     lines = path.read_text().splitlines()
     # Drop the last three rows and leave a half-written line, as a killed run would.
     path.write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:20])
-    methods = _methods()
-    rows = run_bench(CONFIG, methods, generator, tmp_path, progress=False)
+    rows, methods = _run(CONFIG, tmp_path)
     assert sum(len(m.calls) for m in methods.values()) == 3
     assert len(rows) == 16
     assert len({(r["task"], r["sample_id"], r["method"], r["budget"]) for r in rows}) == 16
@@ -97,30 +101,26 @@ NAMED = replace(CONFIG, draft="draft-a", target="target-a", machine="x86_64 CPU 
      {"max_new_tokens": 8}, {"machine": "x86_64 CPU (avx2), 2 torch threads"}],
 )
 def test_rows_of_other_settings_are_not_reused(tmp_path, capsys, change):
-    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
-    first = run_bench(NAMED, _methods(), generator, tmp_path, progress=False)
+    first, _ = _run(NAMED, tmp_path)
     assert all(row[name] == getattr(NAMED, name) for row in first for name in SETTINGS)
     other = replace(NAMED, **change)
-    methods = _methods()
-    rows = run_bench(other, methods, generator, tmp_path, progress=False)
+    rows, methods = _run(other, tmp_path)
     assert sum(len(m.calls) for m in methods.values()) == 16
     assert len(rows) == 16 and all(same_settings(row, other) for row in rows)
     assert len(read_rows(tmp_path / RESULTS_FILE)) == 32  # the first run's rows are kept
     err = capsys.readouterr().err
     assert "16 rows" in err and f"differ from this run in {next(iter(change))} (" in err
-    again = _methods()
-    assert len(run_bench(NAMED, again, generator, tmp_path, progress=False)) == 16
+    rerun, again = _run(NAMED, tmp_path)
+    assert len(rerun) == 16
     assert all(not m.calls for m in again.values())
 
 
 def test_rows_that_do_not_record_every_setting_are_recomputed(tmp_path):
-    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
-    run_bench(NAMED, _methods(), generator, tmp_path, progress=False)
+    _run(NAMED, tmp_path)
     path = tmp_path / RESULTS_FILE
     old = [{k: v for k, v in row.items() if k not in ("chunk_tokens", "max_new_tokens")} for row in read_rows(path)]
     path.write_text("".join(json.dumps(row) + "\n" for row in old))
-    methods = _methods()
-    rows = run_bench(NAMED, methods, generator, tmp_path, progress=False)
+    rows, methods = _run(NAMED, tmp_path)
     assert sum(len(m.calls) for m in methods.values()) == 16
     assert all(row["max_new_tokens"] is None and row["chunk_tokens"] == 256 for row in rows)
     # --report-only reads the file whole but keeps only the latest row of each job.
@@ -130,8 +130,7 @@ def test_rows_that_do_not_record_every_setting_are_recomputed(tmp_path):
 
 
 def test_rows_of_a_changed_sample_or_method_setting_are_recomputed(tmp_path, capsys):
-    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
-    run_bench(NAMED, _methods(), generator, tmp_path, progress=False)
+    _run(NAMED, tmp_path)
     path = tmp_path / RESULTS_FILE
     # A task generator that changed since: one sample's fingerprint no longer matches.
     rows = read_rows(path)
@@ -139,24 +138,20 @@ def test_rows_of_a_changed_sample_or_method_setting_are_recomputed(tmp_path, cap
         if (row["task"], row["sample_id"]) == ("qa", 1):
             row["sample_hash"] = "0" * 16
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    methods = _methods()
-    run_bench(NAMED, methods, generator, tmp_path, progress=False)
+    _, methods = _run(NAMED, tmp_path)
     assert sorted({(c[0], c[1]) for m in methods.values() for c in m.calls}) == [("qa", 1)]
     assert sum(len(m.calls) for m in methods.values()) == 4  # full, specpc x 2 budgets, speckv
     assert "4 rows" in capsys.readouterr().err
     # A method whose settings changed reruns; the others do not.
     methods = _methods()
     methods["specpc"].settings = {"kernel_size": 32}
-    run_bench(NAMED, methods, generator, tmp_path, progress=False)
+    _run(NAMED, tmp_path, methods)
     assert len(methods["specpc"].calls) == 8 and not methods["full"].calls and not methods["speckv"].calls
 
 
 def test_full_runs_once_per_sample_and_is_reused_when_budgets_are_added(tmp_path):
-    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
-    run_bench(CONFIG, _methods(), generator, tmp_path, progress=False)
-    methods = _methods()
-    rows = run_bench(replace(CONFIG, budgets=[64, 128, 256], kv_budgets=[32, 16]), methods, generator, tmp_path,
-                     progress=False)
+    _run(CONFIG, tmp_path)
+    rows, methods = _run(replace(CONFIG, budgets=[64, 128, 256], kv_budgets=[32, 16]), tmp_path)
     assert not methods["full"].calls
     assert sorted(c[2] for c in methods["specpc"].calls) == [256] * 4
     assert sorted(c[2] for c in methods["speckv"].calls) == [16] * 4
@@ -164,10 +159,8 @@ def test_full_runs_once_per_sample_and_is_reused_when_budgets_are_added(tmp_path
 
 
 def test_rows_of_methods_outside_the_run_stay_in_its_results(tmp_path):
-    generator = TaskGenerator(tiny_tokenizer(), chunk_tokens=64)
-    run_bench(CONFIG, _methods(), generator, tmp_path, progress=False)
-    only_full = {"full": FakeMethod("full", budgeted=False)}
-    rows = run_bench(CONFIG, only_full, generator, tmp_path, progress=False)
+    _run(CONFIG, tmp_path)
+    rows, only_full = _run(CONFIG, tmp_path, {"full": FakeMethod("full", budgeted=False)})
     assert not only_full["full"].calls and len(rows) == 16
 
 
@@ -234,7 +227,7 @@ def test_build_methods_rejects_unknown_names_and_explains_skips(tiny_pair):
 
 
 def test_results_rows_are_json_lines(tmp_path):
-    run_bench(CONFIG, _methods(), TaskGenerator(tiny_tokenizer(), chunk_tokens=64), tmp_path, progress=False)
+    _run(CONFIG, tmp_path)
     for line in (tmp_path / RESULTS_FILE).read_text().splitlines():
         assert isinstance(json.loads(line)["accuracy"], float)
 

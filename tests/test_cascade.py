@@ -14,15 +14,9 @@ from draft_rag.engine import SpecKV
 from draft_rag.kv.speckv import draft_answer
 from draft_rag.specpc.prompt import _DraftPrompt
 from tests.test_specpc import DOCS, QUERY, count
-from tests.tiny import tiny_model
 
 CONTEXT = "\n".join(DOCS)
 LONG = " ".join(["a paragraph of context"] * 10)  # longer than an instruction
-
-
-@pytest.fixture(scope="module")
-def draft():
-    return tiny_model("qwen2", seed=7)
 
 
 def make(draft, budget=40):

@@ -5,21 +5,8 @@ from __future__ import annotations
 import io
 import json
 
-import pytest
-
 from draft_rag import cli
-from tests.tiny import tiny_model
-
-
-def _saved(path, tiny):
-    tiny.model.save_pretrained(path)
-    tiny.tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def draft_dir(tmp_path_factory):
-    return _saved(tmp_path_factory.mktemp("tiny-draft"), tiny_model("qwen2", seed=11))
+from tests.tiny import saved, tiny_model
 
 
 def test_compress_json(draft_dir, tmp_path, capsys, monkeypatch):
@@ -63,7 +50,7 @@ def test_errors_are_clean(draft_dir, tmp_path, capsys):
 
 def test_unsupported_draft_attention_is_a_clean_error(tmp_path, capsys):
     windowed = tiny_model("qwen2", seed=11, use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    draft = _saved(tmp_path / "windowed", windowed)
+    draft = saved(windowed, tmp_path / "windowed")
     doc = tmp_path / "doc.txt"
     doc.write_text("Retrieval augmented generation reads long documents. " * 5)
     assert cli.main(["compress", "--query", "q?", "--budget", "10", "--draft", str(draft), str(doc)]) == 2

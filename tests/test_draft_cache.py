@@ -28,11 +28,6 @@ LONG_DOC = " ".join(DOCS)
 
 
 @pytest.fixture(scope="module")
-def draft():
-    return tiny_model("qwen2", seed=7)
-
-
-@pytest.fixture(scope="module")
 def smollm3_draft():
     """A SmolLM3 draft whose first and last layers skip RoPE: the first shows every moved key, the last is scored."""
     return tiny_model("smollm3", seed=7, no_rope_layers=[0, 1, 1, 0])
@@ -285,15 +280,6 @@ def test_rope_that_cannot_be_shifted_is_refused():
 def test_max_bytes_is_checked():
     with pytest.raises(ValueError, match="max_bytes"):
         DraftCache(max_bytes=-1)
-
-
-@pytest.fixture(scope="module")
-def draft_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-draft")
-    tiny = tiny_model("qwen2", seed=11)
-    tiny.model.save_pretrained(path)
-    tiny.tokenizer.save_pretrained(path)
-    return path
 
 
 def test_index_then_compress_with_the_cache_directory(draft_dir, tmp_path, capsys):

@@ -24,11 +24,6 @@ from tests.test_draft_cache import DOCS, LONG_DOC, QUERY, make, scores
 from tests.tiny import tiny_model
 
 
-@pytest.fixture(scope="module")
-def draft():
-    return tiny_model("qwen2", seed=7)
-
-
 def rewrite(path, change):
     """Rewrite the entry file ``path`` with ``change(tensors)`` applied and its metadata kept as it was."""
     with safe_open(str(path), framework="pt") as handle:
@@ -188,15 +183,6 @@ def test_a_directory_replaced_by_a_file_warns_and_keeps_entries_in_memory(draft,
     with pytest.warns(UserWarning, match=re.escape(f"could not write {directory}")):
         assert make(draft, cache).compress(QUERY, DOCS).texts == expected
     assert (cache.stats.misses, cache.stats.entries) == (4, 4)
-
-
-@pytest.fixture(scope="module")
-def draft_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-draft")
-    tiny = tiny_model("qwen2", seed=11)
-    tiny.model.save_pretrained(path)
-    tiny.tokenizer.save_pretrained(path)
-    return path
 
 
 def one_line_error(capsys, command):

@@ -24,11 +24,6 @@ DOCS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def draft():
-    return tiny_model("qwen2", seed=7)
-
-
 def make(draft, **kwargs):
     defaults = dict(budget=48, window_size=8, kernel_size=5, neighbor_tokens=6, starting_layer_index=1)
     defaults.update(kwargs)

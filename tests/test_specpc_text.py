@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from draft_rag import SpecPC
 from draft_rag.specpc import CompressedDocument
 from draft_rag.specpc.selection import fit_to_budget
 from draft_rag.specpc.text import ELISION_MARKER, join_spans, snap_spans
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.test_specpc import count, make
+from tests.tiny import tiny_model
 
 QUERY = "What is the special magic number?"
 ENGLISH = "The quick brown fox jumps over the lazy dog. A special magic number is hidden in the text. " * 3
@@ -24,21 +24,6 @@ URL = "https://example.com/download?token=" + "a1b2c3d4e5f6" * 40 + "&page=2"
 BASE64 = "QSBzcGVjaWFsIG1hZ2ljIG51bWJlciBpcyBoaWRkZW4gaW4gdGhlIHRleHQu" * 12
 
 UNSPACED = {"chinese": CHINESE, "japanese": JAPANESE, "thai": THAI, "url": URL, "base64": BASE64}
-
-
-@pytest.fixture(scope="module")
-def draft():
-    return tiny_model("qwen2", seed=7)
-
-
-def make(draft, **kwargs):
-    defaults = dict(budget=64, window_size=8, kernel_size=5, neighbor_tokens=6, starting_layer_index=1)
-    defaults.update(kwargs)
-    return SpecPC(draft=draft, **defaults)
-
-
-def count(text: str) -> int:
-    return len(tiny_tokenizer()(text, add_special_tokens=False)["input_ids"])
 
 
 def check_spans(result, documents):
@@ -150,7 +135,7 @@ def test_whitespace_documents_that_fit_come_back_unchanged(draft):
 )
 def test_lone_surrogates_are_named(draft, query, documents, name):
     with pytest.raises(ValueError, match=rf"^{name} holds a lone surrogate.*encode\('utf-8', 'replace'\)"):
-        make(draft).compress(query, documents)
+        make(draft, budget=64).compress(query, documents)
 
 
 def test_nul_characters_pass_through(draft):

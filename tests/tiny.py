@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from pathlib import Path
 
 from draft_rag.bench import tiny as bench_tiny
 from draft_rag.models import LoadedModel
@@ -30,6 +31,13 @@ def tiny_config(arch: str = "qwen2", **overrides):
 def tiny_model(arch: str = "qwen2", seed: int = 0, attn: str = "sdpa", **overrides) -> LoadedModel:
     overrides.setdefault("max_position_embeddings", 4096)
     return bench_tiny.tiny_model(tiny_tokenizer(), arch=arch, seed=seed, attn=attn, **overrides)
+
+
+def saved(loaded: LoadedModel, path: Path) -> Path:
+    """``loaded`` written to ``path`` as a model directory (weights and tokenizer), which load_model reads."""
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return path
 
 
 @contextlib.contextmanager

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from benchmarks.study import StudyLog
+from benchmarks.study import StudyLog, add_model_options, mean
 from draft_rag.bench.tasks import TASKS, TaskGenerator
-from draft_rag.models import DEFAULT_DRAFT, load_model
+from draft_rag.models import load_model
 
 RESULTS_FILE = "draft_cache.jsonl"
 SUMMARY_FILE = "draft_cache.md"
@@ -74,15 +73,12 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     ]
     for length in sorted({r["length"] for r in rows}):
         group = [r for r in rows if r["length"] == length]
-
-        def mean(key: str, group: list[dict[str, Any]] = group) -> float:
-            return sum(r[key] for r in group) / len(group)
-
         per_token = sum(r["cache_bytes"] for r in group) / max(sum(r["cache_tokens"] for r in group), 1)
         lines.append(
-            f"| {length} | {mean('documents'):.0f} | {len(group)} | {mean('uncached_s'):.1f} | {mean('cold_s'):.1f} | "
-            f"{mean('warm_s'):.2f} | {mean('warm_s') / mean('uncached_s'):.3f} | {100 * mean('kept_uncached'):.0f}% | "
-            f"{100 * mean('kept_cached'):.0f}% | {100 * mean('overlap'):.0f}% | {per_token:,.0f} |"
+            f"| {length} | {mean(group, 'documents'):.0f} | {len(group)} | {mean(group, 'uncached_s'):.1f} | "
+            f"{mean(group, 'cold_s'):.1f} | {mean(group, 'warm_s'):.2f} | "
+            f"{mean(group, 'warm_s') / mean(group, 'uncached_s'):.3f} | {100 * mean(group, 'kept_uncached'):.0f}% | "
+            f"{100 * mean(group, 'kept_cached'):.0f}% | {100 * mean(group, 'overlap'):.0f}% | {per_token:,.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -94,12 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=2, help="samples per task and length (default 2)")
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--chunk-tokens", type=int, default=512, help="tokens per document (default 512)")
-    parser.add_argument("--draft", default=DEFAULT_DRAFT)
     parser.add_argument("--target-tokenizer", default=None,
                         help="tokenizer that counts lengths and the budget (default: the draft's, which the "
                              "packaged target shares)")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    add_model_options(parser, target=False)
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer

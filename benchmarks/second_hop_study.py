@@ -31,12 +31,11 @@ import argparse
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.study import StudyLog, mean
+from benchmarks.study import StudyLog, add_model_options, mean, refuse_benchmark_seed
 from draft_rag.bench.tasks import DEFAULT_TASKS, TASKS, TaskGenerator
-from draft_rag.models import DEFAULT_DRAFT, load_model
+from draft_rag.models import load_model
 
 if TYPE_CHECKING:
     from draft_rag import SpecPC
@@ -171,14 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-tokens", type=int, default=256)
     parser.add_argument("--answer-tokens", type=int, default=32,
                         help="most tokens of the draft's answer in the two-pass variants (default 32)")
-    parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--dtype", default=None)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny random models on a short run (plumbing only; accuracy meaningless)")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    add_model_options(parser, target=False)
     args = parser.parse_args(argv)
-    if args.seed == 0:
-        parser.error("seed 0 is the reported benchmark's seed; tune on another one.")
+    refuse_benchmark_seed(parser, args.seed)
     extra: dict[str, Any] = {}
     if args.smoke:
         from draft_rag.bench.tiny import TINY_SPECPC_SETTINGS, tiny_pair

@@ -15,12 +15,11 @@ Rows are appended to a JSON-lines file as they are made; a rerun skips the rows 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from benchmarks.study import StudyLog, mean
+from benchmarks.study import StudyLog, add_model_options, mean, refuse_benchmark_seed
 from draft_rag.bench.tasks import TASKS, TaskGenerator
-from draft_rag.models import DEFAULT_DRAFT, load_model
+from draft_rag.models import load_model
 
 RESULTS_FILE = "specpc_tuning.jsonl"
 SUMMARY_FILE = "specpc_tuning.md"
@@ -81,12 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=1, help="task seed (default 1, a tuning seed)")
     parser.add_argument("--chunk-tokens", type=int, default=256)
-    parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    add_model_options(parser, target=False)
     args = parser.parse_args(argv)
-    if args.seed == 0:
-        parser.error("seed 0 is the reported benchmark's seed; tune on another one.")
+    refuse_benchmark_seed(parser, args.seed)
 
     from draft_rag import SpecPC
     from draft_rag.specpc import SELECTION_SETTINGS

@@ -63,12 +63,20 @@ class StudyLog:
         return tuple(row.get(name) for name in self.key)
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """``--draft``, ``--target``, ``--dtype`` and ``--out``, as every study that runs both models takes them."""
+def add_model_options(parser: argparse.ArgumentParser, *, target: bool = True) -> None:
+    """``--draft``, ``--target``, ``--dtype`` and ``--out``, as every study takes them; ``target=False`` leaves
+    out ``--target``, for the studies that run the draft alone."""
     parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--target", default=DEFAULT_TARGET)
+    if target:
+        parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+
+
+def refuse_benchmark_seed(parser: argparse.ArgumentParser, seed: int) -> None:
+    """Stop with a usage error if ``seed`` is 0: the reported benchmark's samples must not be tuned on."""
+    if seed == 0:
+        parser.error("seed 0 is the reported benchmark's seed; tune on another one.")
 
 
 def load_pair(args: argparse.Namespace) -> tuple[LoadedModel, LoadedModel]:

@@ -139,3 +139,16 @@ def test_second_hop_study_smoke_run_resumes_and_refuses_seed_0(tmp_path, capsys)
     before = path.read_text()
     assert study.main(["--smoke", "--out", str(tmp_path)]) == 0
     assert path.read_text() == before  # every row is logged: nothing runs again
+
+
+def test_tuning_studies_refuse_seed_0_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    import pytest
+
+    from benchmarks import second_hop_study, specpc_tuning
+
+    for study in (specpc_tuning, second_hop_study):
+        monkeypatch.setattr(study, "load_model", lambda *args, **kwargs: pytest.fail("no model may load"))
+        with pytest.raises(SystemExit) as refused:
+            study.main(["--seed", "0", "--out", str(tmp_path)])
+        assert refused.value.code == 2
+        assert "error: seed 0 is the reported benchmark's seed; tune on another one." in capsys.readouterr().err

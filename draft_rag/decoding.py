@@ -120,10 +120,14 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> t
 class Sampler:
     """Pick the next token: greedy when ``temperature == 0``, else temperature and nucleus (top-p) sampling.
 
+    Sampling runs on the logits' device, with a random generator of that device seeded with ``seed`` (one per
+    device, made on first use), so the vocabulary never moves to the host. On the CPU, a seed gives the same
+    tokens as drawing from a CPU generator with that seed; devices draw different (equally distributed) ones.
+
     Args:
         temperature: 0 (default) for greedy decoding; higher is more random.
         top_p: keep the smallest set of tokens whose probability adds up to ``top_p`` (default 1.0: all).
-        seed: seed of the sampler's own random generator (default: nondeterministic).
+        seed: seed of the sampler's own random generators (default: nondeterministic).
     """
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> None:
@@ -142,23 +146,86 @@ class Sampler:
             raise ValueError(msg)
         self.temperature = temperature
         self.top_p = top_p
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(int(seed))
+        self.seed = None if seed is None else int(seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """The next token id from last-position logits ``[1, vocab]``."""
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token ids ``[rows]`` from last-position logits ``[rows, vocab]``, on the logits' device."""
         if self.temperature == 0:
-            return int(logits[0].argmax())
-        probs = (logits[0].float().cpu() / self.temperature).softmax(dim=-1)
+            return logits.argmax(dim=-1)
+        probs = (logits.float() / self.temperature).softmax(dim=-1)
         if self.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
             # Drop a token when the tokens before it already reach top_p; the most likely one always stays.
-            outside = sorted_probs.cumsum(0) - sorted_probs >= self.top_p
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        return torch.multinomial(probs, 1, generator=self._generator(probs.device))[:, 0]
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """This sampler's random generator on ``device``, seeded on first use."""
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            if self.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self.seed)
+            self._generators[device] = generator
+        return generator
+
+
+def sample_rows(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
+    """Next token ids ``[rows]`` of a batch's logits ``[rows, vocab]``, row ``i`` picked by ``samplers[i]``.
+
+    Everything stays on the logits' device: one argmax when every row is greedy, else one draw per row from
+    its own sampler (each prompt of a batch samples as if it were alone).
+    """
+    if all(sampler.temperature == 0 for sampler in samplers):
+        return logits.argmax(dim=-1)
+    return torch.cat([sampler(logits[row : row + 1]) for row, sampler in enumerate(samplers)])
+
+
+class HostCopies:
+    """Small int64 rows of device tensors copied to host memory in the device's order, read without draining it.
+
+    A loop that must learn a value computed on the device (a sampled token, a stop flag) copies it here with
+    :meth:`put` and reads it later with :meth:`get`. On a CUDA device the copy is ``non_blocking`` into pinned
+    memory behind an event, and :meth:`get` waits for that event only: work queued after the copy (the next
+    decode step) keeps the device busy meanwhile, where ``.item()`` would wait for the whole queue. Elsewhere
+    the copy is done at once. Values are read from a numpy view of the host buffer.
+
+    Args:
+        rows: how many rows can be put.
+        width: values per row.
+        device: the device the values are computed on.
+
+    Attributes:
+        overlaps: whether the device runs ahead of the host (CUDA), so that a loop should queue its next step
+            before it calls :meth:`get`.
+    """
+
+    def __init__(self, rows: int, width: int, device: torch.device) -> None:
+        self._queued = device.type == "cuda"
+        self.overlaps = self._queued
+        self._host = torch.zeros(rows, width, dtype=torch.int64, pin_memory=self._queued)
+        self._view = self._host.numpy()
+        self._events: list[Any] = [None] * rows
+
+    def put(self, row: int, values: torch.Tensor) -> None:
+        """Queue the copy of ``values`` (``width`` integers or booleans, on the device) into row ``row``."""
+        self._host[row].copy_(values.reshape(-1).to(torch.int64), non_blocking=self._queued)
+        if self._queued:
+            event = torch.cuda.Event()
+            event.record()
+            self._events[row] = event
+
+    def get(self, row: int) -> Any:
+        """Row ``row`` as a numpy array, once its copy (and everything queued before it) is done."""
+        event = self._events[row]
+        if event is not None:
+            event.synchronize()
+            self._events[row] = None
+        return self._view[row]
 
 
 def _finite(name: str, value: object) -> float:
@@ -180,24 +247,26 @@ def forward_token(model: PreTrainedModel, cache: Cache, token: int, position: in
 def forward_tokens(
     model: PreTrainedModel,
     cache: Cache,
-    tokens: Sequence[int],
-    positions: Sequence[int],
+    tokens: Sequence[int] | torch.Tensor,
+    positions: Sequence[int] | torch.Tensor,
     padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run one token per sequence of a batched ``cache``, each at its own true position; logits ``[batch, vocab]``.
 
+    ``tokens`` and ``positions`` (``[batch]`` each) may be lists or tensors; tensors already on the model's
+    device cost no copy from the host, which on CUDA would wait for the device to finish its queue.
     ``padding_mask`` (``[batch, cached entries]``, False where a sequence's cache row is left padding) is
     needed when the sequences' caches were of different lengths; ``None`` means no row is padded.
     """
     device = model.device
     kwargs: dict[str, Any] = {
-        "input_ids": torch.tensor(tokens, device=device)[:, None],
-        "position_ids": torch.tensor(positions, device=device)[:, None],
+        "input_ids": torch.as_tensor(tokens, device=device)[:, None],
+        "position_ids": torch.as_tensor(positions, device=device)[:, None],
         **cache_kwargs(model, cache),
         "use_cache": True,
     }
     if padding_mask is not None:
-        new = torch.ones(len(tokens), 1, dtype=torch.bool, device=device)
+        new = torch.ones(padding_mask.shape[0], 1, dtype=torch.bool, device=device)
         kwargs["attention_mask"] = torch.cat([padding_mask.to(device), new], dim=1)
     with torch.inference_mode():
         return model(**kwargs).logits[:, -1]

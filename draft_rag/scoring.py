@@ -21,6 +21,7 @@ changed. What the rebuild assumes of a model's attention layers is checked, befo
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,10 +89,31 @@ def observer_weights(
     return torch.cat([rising, torch.ones(num_observers - ramp, device=device)])
 
 
+def score_operand(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as :func:`observer_attention` multiplies it: unchanged in bf16/fp16 on CUDA, where the product
+    of two half-precision numbers is exact in fp32 and the matrix product accumulates and returns fp32 (no fp32
+    copy of the keys); fp32 elsewhere (a no-op for fp32 models).
+
+    Converting the keys once per layer, instead of in every observer block, is what this is for.
+    """
+    if tensor.is_cuda and tensor.dtype in (torch.bfloat16, torch.float16) and _fp32_products_of_halves():
+        return tensor
+    return tensor.float()
+
+
+@functools.cache
+def _fp32_products_of_halves() -> bool:
+    """Whether this torch has ``bmm(..., out_dtype=torch.float32)`` for bf16/fp16 inputs (2.8 and later, CUDA)."""
+    return hasattr(torch.ops.aten.bmm, "dtype")
+
+
 def observer_attention(
     query: torch.Tensor, key: torch.Tensor, query_positions: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """Causal softmax attention rows of some queries onto all keys, in fp32.
+
+    The logits are fp32 products: of fp32 copies, or on CUDA of the bf16/fp16 tensors themselves with fp32
+    accumulation (see :func:`score_operand`), which is the same computation without the copy.
 
     Args:
         query: post-RoPE queries ``[batch, heads, q, dim]``.
@@ -102,10 +124,12 @@ def observer_attention(
     Returns:
         ``[batch, heads, q, n]`` attention probabilities.
     """
-    batch, heads, _, dim = query.shape
+    batch, heads, q, dim = query.shape
     kv_heads, n = key.shape[1], key.shape[2]
-    grouped = query.float().reshape(batch, kv_heads, heads // kv_heads, -1, dim)
-    logits = torch.einsum("bgrqd,bgnd->bgrqn", grouped, key.float()) * scaling
+    queries = score_operand(query).reshape(batch * kv_heads, heads // kv_heads * q, dim)
+    keys = score_operand(key).reshape(batch * kv_heads, n, dim).mT
+    products = torch.bmm(queries, keys, torch.float32) if queries.dtype != torch.float32 else torch.bmm(queries, keys)
+    logits = products.reshape(batch, kv_heads, heads // kv_heads, q, n) * scaling
     future = torch.arange(n, device=key.device)[None, :] > query_positions.to(key.device)[:, None]
     logits = logits.masked_fill(future, float("-inf"))
     return logits.softmax(dim=-1).reshape(batch, heads, -1, n)
@@ -194,7 +218,8 @@ class ObserverScores:
             else None
         )
         self._sums: dict[int, torch.Tensor] = {}
-        self._seen: dict[int, int] = {}
+        self._seen: dict[int, int | torch.Tensor] = {}
+        self._gate: torch.Tensor | None = None
         self._handles: list[Any] = []
         self._thread: int | None = None
 
@@ -258,7 +283,7 @@ class ObserverScores:
         rebuild = self._rebuilds[layer_index]
         # A layer without RoPE still receives the model's angles; it just does not use them.
         angles = kwargs["position_embeddings"] if rebuild.rope is not None else None
-        keys = keys.float()
+        keys = score_operand(keys)
         for block in range(lo, hi, self.block_size):
             end = min(block + self.block_size, hi)
             local = slice(block - start, end - start)
@@ -271,14 +296,29 @@ class ObserverScores:
                 weights = self._weights[block - self.first_observer : end - self.first_observer]
             self._accumulate(layer_index, reduce_rows(probs, keys.shape[1], self.reduction, weights))
 
+    def gate(self, counts: torch.Tensor | None) -> None:
+        """Count the observer rows of the forward calls that follow only if ``counts`` (a 0-d bool tensor on the
+        model's device) is True; None (the default) counts them all.
+
+        For a token that runs before the host knows whether it should have (a greedy loop that checks for its
+        stop token one step late, so as not to wait for the device): its rows then add nothing, without the
+        flag being read back. Probabilities are never negative, so a zeroed row leaves a max unchanged; for
+        ``"mean"`` the row count is kept on the device too.
+        """
+        self._gate = counts
+
     def _accumulate(self, layer_index: int, rows: torch.Tensor) -> None:
+        count: int | torch.Tensor = rows.shape[2]
+        if self._gate is not None:
+            rows = rows * self._gate
+            count = count * self._gate.long()
         combined = rows.amax(dim=2) if self.reduction.observers == "max" else rows.sum(dim=2)
         previous = self._sums.get(layer_index)
         if previous is not None:
             previous = F.pad(previous, (0, combined.shape[-1] - previous.shape[-1]))
             combined = torch.maximum(previous, combined) if self.reduction.observers == "max" else previous + combined
         self._sums[layer_index] = combined
-        self._seen[layer_index] = self._seen.get(layer_index, 0) + rows.shape[2]
+        self._seen[layer_index] = self._seen.get(layer_index, 0) + count
 
 
 def prefill(

@@ -1,4 +1,9 @@
-"""Sparse prefill must equal dense attention under the same vertical-slash mask, and leave the model as it was."""
+"""Sparse prefill must equal dense attention under the same vertical-slash mask, and leave the model as it was.
+
+Both kernels are checked: sdpa over query blocks, and FlexAttention over a block mask. On the CPU FlexAttention
+runs uncompiled here (it computes every score, which is exact and fast at these sizes) except in one test that
+compiles it, as the GPU path does; the block mask itself is checked block by block against the dense mask.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,30 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import flex_attention as flex
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from draft_rag.sparse_prefill import sparse_prefill, sparse_prefill_attention, vertical_columns
+import draft_rag.sparse_prefill as sparse_module
+from draft_rag.sparse_prefill import (
+    FLEX_BLOCK_SIZE,
+    default_kernel,
+    sparse_prefill,
+    sparse_prefill_attention,
+    vertical_columns,
+    vertical_slash_block_mask,
+)
+from tests.syncs import host_reads
 from tests.tiny import tiny_model
+
+KERNELS = ["sdpa", "flex"]
+
+
+@pytest.fixture(autouse=True)
+def uncompiled_flex(monkeypatch):
+    """FlexAttention without torch.compile: the same masks and values, no minute-long compile per shape."""
+    monkeypatch.setattr(flex, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
+    monkeypatch.setattr(sparse_module, "_compiled_flex_attention", lambda: flex.flex_attention)
 
 
 def naive_columns(q, k, num_observers, vertical_size, window_size, scaling):
@@ -60,27 +84,101 @@ CASES = [  # batch, heads, kv_heads, n, window, vertical, observers, block
 ]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_sparse_attention_matches_masked_dense_reference(case):
+LONG_CASES = [  # several FlexAttention blocks of queries and of vertical keys, lengths not multiples of 128
+    (1, 4, 2, 300, 40, 150, 9, 64),
+    (2, 6, 2, 700, 130, 200, 20, 256),
+    (1, 4, 4, 500, 3, 400, 20, 100),  # most vertical keys fall inside later bands
+]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", CASES + LONG_CASES)
+def test_sparse_attention_matches_masked_dense_reference(case, kernel):
     batch, heads, kv_heads, n, window, vertical, observers, block = case
     q, k, v = random_qkv(batch, heads, kv_heads, n, seed=n)
     scaling = q.shape[-1] ** -0.5
     columns = vertical_columns(q, k, observers, vertical, window, scaling)
     assert torch.equal(columns, naive_columns(q, k, observers, vertical, window, scaling))
     expected = masked_dense(q, k, v, vertical_slash_mask(columns, n, window), scaling)
-    out = sparse_prefill_attention(q, k, v, window, vertical, observers, scaling, block_size=block)
+    out = sparse_prefill_attention(q, k, v, window, vertical, observers, scaling, block_size=block, kernel=kernel)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_sparse_attention_bf16_computes_in_fp32():
-    q, k, v = random_qkv(1, 6, 2, 60, dtype=torch.bfloat16, seed=3)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_sparse_attention_in_bf16_errs_no_more_than_dense_bf16(kernel):
+    """The kernels compute in the model's dtype: their error against fp32 is that of dense bf16 attention."""
+    q, k, v = random_qkv(1, 6, 2, 300, dtype=torch.bfloat16, seed=3)
     scaling = q.shape[-1] ** -0.5
-    out = sparse_prefill_attention(q, k, v, 12, 10, 7, scaling, block_size=8)
+    out = sparse_prefill_attention(q, k, v, 40, 30, 7, scaling, block_size=64, kernel=kernel)
     assert out.dtype == torch.bfloat16
-    columns = vertical_columns(q, k, 7, 10, 12, scaling)
-    expected = masked_dense(q.float(), k.float(), v.float(), vertical_slash_mask(columns, 60, 12), scaling)
-    # Only the final rounding to bf16 separates them (one bf16 ulp).
-    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=8e-3)
+    columns = vertical_columns(q, k, 7, 30, 40, scaling)
+    expected = masked_dense(q.float(), k.float(), v.float(), vertical_slash_mask(columns, 300, 40), scaling)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+    causal = torch.ones(300, 300, dtype=torch.bool).tril().expand(1, 2, 300, 300)
+    dense_error = (dense.float() - masked_dense(q.float(), k.float(), v.float(), causal, scaling)).abs().max()
+    assert (out.float() - expected).abs().max() <= 2 * dense_error
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_sparse_attention_reads_nothing_back_to_the_host(kernel):
+    """No ``.tolist()``/``.item()`` per head or block: on a GPU each would wait for the device's queue."""
+    q, k, v = random_qkv(2, 6, 2, 300, seed=4)
+    with host_reads() as reads:
+        sparse_prefill_attention(q, k, v, 40, 30, 7, 0.25, block_size=64, kernel=kernel)
+    assert reads == []
+
+
+@pytest.mark.parametrize("n, window, vertical", [(300, 40, 150), (700, 130, 200), (260, 1, 0), (513, 300, 128)])
+def test_flex_block_mask_lists_exactly_the_blocks_with_seen_keys(n, window, vertical):
+    """Every key block that some query of a query block sees is listed, as full only when it sees all of it."""
+    q, k, _ = random_qkv(2, 6, 2, n, seed=n)
+    columns = vertical_columns(q, k, 9, vertical, window, 0.25)
+    mask = vertical_slash_block_mask(columns, n, window, heads=6)
+    padded_size = mask.seq_lengths[1] - n
+    # The dense mask over the key layout: the vertical columns (padded with the never-seen column n), then all keys.
+    padded = F.pad(columns, (0, padded_size - columns.shape[-1]), value=n)
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    band = ((j <= i) & (j > i - window)).expand(2, 2, n, n)
+    dense = torch.cat([padded[:, :, None, :] <= i - window, band], dim=-1)
+    size = FLEX_BLOCK_SIZE
+    blocks_q, blocks_kv = -(-n // size), -(-(padded_size + n) // size)
+    pads = (0, blocks_kv * size - padded_size - n, 0, blocks_q * size - n)
+    # Positions past the ends belong to no tile's keys or queries: neither seen nor unseen.
+    any_seen = F.pad(dense, pads, value=False).reshape(2, 2, blocks_q, size, blocks_kv, size).any(dim=(3, 5))
+    all_seen = F.pad(dense, pads, value=True).reshape(2, 2, blocks_q, size, blocks_kv, size).all(dim=(3, 5))
+    group = 3
+    full = _listed(mask.full_kv_num_blocks, mask.full_kv_indices, blocks_kv)
+    partial = _listed(mask.kv_num_blocks, mask.kv_indices, blocks_kv)
+    assert torch.equal(full, all_seen.repeat_interleave(group, dim=1))
+    assert torch.equal(partial, (any_seen & ~all_seen).repeat_interleave(group, dim=1))
+
+
+def _listed(num_blocks, indices, blocks_kv):
+    """A block mask's ``(num_blocks, indices)`` lists as a dense ``[batch, heads, q blocks, kv blocks]`` boolean."""
+    listed = torch.arange(indices.shape[-1]) < num_blocks[..., None]
+    dense = torch.zeros(*indices.shape[:3], blocks_kv, dtype=torch.long)
+    return dense.scatter_add(-1, indices.long(), listed.long()).bool()
+
+
+def test_compiled_flex_attention_matches_the_reference(monkeypatch):
+    """The GPU path as it runs there: FlexAttention compiled (here by the CPU backend) over the block mask."""
+    monkeypatch.undo()
+    q, k, v = random_qkv(1, 4, 2, 400, seed=5)
+    scaling = q.shape[-1] ** -0.5
+    # 128 columns: one whole block of vertical keys, which the last query blocks see in full.
+    columns = vertical_columns(q, k, 9, 128, 40, scaling)
+    expected = masked_dense(q, k, v, vertical_slash_mask(columns, 400, 40), scaling)
+    with torch.inference_mode():
+        out = sparse_prefill_attention(q, k, v, 40, 128, 9, scaling, kernel="flex")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_default_kernel_is_flex_on_cuda_only():
+    assert default_kernel(torch.device("cuda", 0)) == "flex"
+    assert default_kernel(torch.device("cpu")) == "sdpa"
+    with pytest.raises(ValueError, match="kernel must be one of flex, sdpa"):
+        sparse_prefill_attention(*random_qkv(1, 4, 2, 40), 8, 8, 5, 0.25, kernel="triton")
 
 
 @pytest.mark.parametrize("n, window, vertical", [(24, 8, 16), (24, 8, 100), (10, 64, 0)])
@@ -179,13 +277,15 @@ def _reference_run(model, ids):
         model.config._attn_implementation = "sdpa"
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch", ["qwen2", "smollm3"])
 @pytest.mark.parametrize("n", [17, 40, 97])
-def test_model_logits_match_masked_dense_model(request, arch, n):
+def test_model_logits_match_masked_dense_model(request, arch, n, kernel):
     model = request.getfixturevalue("target" if arch == "qwen2" else "smollm3_target").model
     ids = _ids(model, n, seed=n)
     expected_prefill, expected_step = _reference_run(model, ids)
-    with sparse_prefill(model, window_size=WINDOW, vertical_size=VERTICAL, num_observers=OBSERVERS, block_size=6):
+    with sparse_prefill(model, window_size=WINDOW, vertical_size=VERTICAL, num_observers=OBSERVERS, block_size=6,
+                        kernel=kernel):
         got_prefill, got_step = _prefill_and_step(model, ids)
     torch.testing.assert_close(got_prefill, expected_prefill, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_step, expected_step, atol=1e-5, rtol=1e-5)
@@ -265,6 +365,9 @@ def test_nested_blocks_and_eager_models_are_rejected(target):
     assert eager.model.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="num_observers"):
         with sparse_prefill(target.model, num_observers=0):
+            pass
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        with sparse_prefill(target.model, num_observers=3, kernel="dense"):
             pass
 
 

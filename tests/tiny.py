@@ -1,9 +1,16 @@
-"""Tiny random-weight models from real configs, and a small offline tokenizer, for fast tests."""
+"""Tiny random-weight models from real configs, and a small offline tokenizer, for fast tests.
+
+The models are built on the CPU in fp32. To run the suite on a GPU, set ``DRAFT_RAG_TEST_DEVICE`` (e.g. ``cuda``)
+and ``DRAFT_RAG_TEST_DTYPE`` (``bfloat16``, ``float16`` or ``float32``): every model made here is then moved
+there. Tests that build their own tensors on the CPU or compare with fp32 tolerances may fail there; that run
+counts what works on the device, it is not CI's.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +37,19 @@ def tiny_config(arch: str = "qwen2", **overrides):
 
 def tiny_model(arch: str = "qwen2", seed: int = 0, attn: str = "sdpa", **overrides) -> LoadedModel:
     overrides.setdefault("max_position_embeddings", 4096)
-    return bench_tiny.tiny_model(tiny_tokenizer(), arch=arch, seed=seed, attn=attn, **overrides)
+    loaded = bench_tiny.tiny_model(tiny_tokenizer(), arch=arch, seed=seed, attn=attn, **overrides)
+    device, dtype = device_and_dtype()
+    if (device, dtype) != ("cpu", "float32"):
+        import torch
+
+        loaded.model.to(device=device, dtype=getattr(torch, dtype))
+    return loaded
+
+
+def device_and_dtype() -> tuple[str, str]:
+    """Where the tiny models run: ``DRAFT_RAG_TEST_DEVICE`` (default ``cpu``) and ``DRAFT_RAG_TEST_DTYPE``
+    (default ``float32``)."""
+    return os.environ.get("DRAFT_RAG_TEST_DEVICE", "cpu"), os.environ.get("DRAFT_RAG_TEST_DTYPE", "float32")
 
 
 def saved(loaded: LoadedModel, path: Path) -> Path:

@@ -138,6 +138,11 @@ class SpecKV(_Requests):
             the observers (the prompt window and the draft answer) attend to most (see
             :mod:`draft_rag.sparse_prefill`; the paper uses 2048 and 2048). An approximation of the dense
             prefill that cuts its attention cost on long prompts; off with ``chunk_size``.
+        observer_block_size: observer rows whose attention onto all keys is computed at once, when the
+            target's KV entries (and, with the cascade, the draft's tokens) are scored; it bounds the scoring's
+            extra memory (O(rows * heads * prompt tokens) per layer) and does not change the result. None
+            (default) is :data:`draft_rag.scoring.OBSERVER_BLOCK_SIZE` (32). An eviction instance passed as
+            ``method`` keeps its own (:class:`~draft_rag.kv.KVEviction`'s ``observer_block_size``).
         device, dtype: passed to :func:`~draft_rag.models.load_model` for models given by name.
 
     The engine is thread-safe, and so is sharing its models with other engines and SpecPC compressors:
@@ -160,13 +165,16 @@ class SpecKV(_Requests):
         chunk_size: int | None = None,
         prefill_window_size: int | None = None,
         prefill_vertical_size: int | None = None,
+        observer_block_size: int | None = None,
         device: str | None = None,
         dtype: torch.dtype | str | None = None,
     ) -> None:
+        if observer_block_size is not None:
+            check_int("observer_block_size", observer_block_size, 1)
         if isinstance(method, KVEviction):
             self.eviction = method
         else:
-            knobs = {
+            knobs: dict[str, Any] = {
                 "budget": budget,
                 "window_size": window_size,
                 "kernel_size": kernel_size,
@@ -175,6 +183,8 @@ class SpecKV(_Requests):
                 "lookahead_tokens": lookahead_tokens,
                 "sink_tokens": sink_tokens,
             }
+            if observer_block_size is not None:
+                knobs["observer_block_size"] = observer_block_size
             self.eviction = build_eviction(method, **knobs)
         if chunk_size is not None:
             check_int("chunk_size", chunk_size, 1)
@@ -203,6 +213,7 @@ class SpecKV(_Requests):
             self.prompt_compressor = SpecPC(
                 draft=self.draft, budget=prompt_budget, target_tokenizer=self.target.tokenizer,
                 chunk_size=chunk_size or SpecPC.chunk_size, progress=False,
+                observer_block_size=observer_block_size,
             )
         self._stop_ids = set(stop_token_ids(self.target))
 
@@ -210,7 +221,9 @@ class SpecKV(_Requests):
         """The knobs that decide the output besides the budget, by name: the eviction method's own (its
         dataclass fields, e.g. ``window_size``, ``lookahead_tokens``) and the engine's (``chunk_size``, the
         sparse prefill sizes, ``prompt_budget``), as plain data for a log or a results file."""
-        own = {name: value for name, value in asdict(self.eviction).items() if name != "budget"}
+        # The observer block size changes the scoring's memory, not the output.
+        own = {name: value for name, value in asdict(self.eviction).items()
+               if name not in ("budget", "observer_block_size")}
         return {
             "method": self.method, **own, "chunk_size": self.chunk_size, "prompt_budget": self.prompt_budget,
             "prefill_window_size": self.prefill_window_size, "prefill_vertical_size": self.prefill_vertical_size,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from draft_rag.decoding import TextStream, forward_tokens
+from draft_rag.decoding import TextStream, forward_tokens, sample_rows
 from draft_rag.hf import cache_bytes, layer_bytes
 from draft_rag.kv import KVPeak
 from draft_rag.models import LoadedModel
@@ -34,29 +34,32 @@ def decode(
     ``(index, text piece)`` as text is settled; return the results. ``start`` is the call's start."""
     peak.held = 0
     cache, padding = stack_caches(caches, peak)
+    device = target.device
 
-    # Each step runs every unfinished prompt's newest token (first: its last prompt token).
+    # Each step runs every unfinished prompt's newest token (first: its last prompt token) at its true position.
+    # Tokens and positions stay on the device; the host reads the step's tokens once, for all rows together.
+    tokens = torch.cat([state.request.prompt_ids[0, -1:] for state in states]).to(device)
+    positions = torch.tensor([state.prompt_tokens - 1 for state in states], device=device)
     active = list(range(len(states)))
     while True:
         with target.lock:
-            logits = forward_tokens(
-                target.model, cache, [states[i].next_token for i in active],
-                [states[i].next_position for i in active], padding,
-            )
+            logits = forward_tokens(target.model, cache, tokens, positions, padding)
         if padding is not None:
             padding = F.pad(padding, (0, 1), value=True)
         peak.observe(cache)
-        for row, index in enumerate(active):
-            state = states[index]
-            for piece in state.take(state.request.sampler(logits[row : row + 1]), stop_ids):
+        tokens = sample_rows(logits, [states[index].request.sampler for index in active])
+        for index, token in zip(active, tokens.tolist(), strict=True):
+            for piece in states[index].take(token, stop_ids):
                 yield index, piece
         running = [row for row, index in enumerate(active) if not states[index].done]
         if not running:
             break
+        positions = positions + 1
         if len(running) < len(active):
-            rows = torch.tensor(running, device=target.device)
+            rows = torch.tensor(running, device=device)
             cache.batch_select_indices(rows)
             padding = None if padding is None else padding[rows]
+            tokens, positions = tokens[rows], positions[rows]
             active = [active[row] for row in running]
     entry_bytes = cache_bytes(cache) // (len(active) * cache.get_seq_length())
     return [state.result(start, entry_bytes, peak.bytes) for state in states]
@@ -116,16 +119,6 @@ class _Decoding:
     @property
     def prompt_tokens(self) -> int:
         return int(self.request.prompt_ids.shape[1])
-
-    @property
-    def next_token(self) -> int:
-        """The token to run next: the newest generated one, or before any the last prompt token."""
-        return self.tokens[-1] if self.tokens else int(self.request.prompt_ids[0, -1])
-
-    @property
-    def next_position(self) -> int:
-        """The true position of :attr:`next_token`."""
-        return self.prompt_tokens - 1 + len(self.tokens)
 
     def take(self, token: int, stop_ids: set[int]) -> list[str]:
         """Add a generated token; return the text pieces it settles. Sets ``done`` when the prompt is finished."""

@@ -22,14 +22,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from draft_rag.checks import check_int
 from draft_rag.hf import attention_modules, cache_bytes, cache_layers, empty_cache, hooked_cache, keep_layer_entries
-from draft_rag.scoring import ObserverScores, ScoreReduction, prefill
+from draft_rag.scoring import OBSERVER_BLOCK_SIZE, ObserverScores, ScoreReduction, prefill
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -59,9 +59,13 @@ class KVEviction:
         budget: KV entries per KV head per layer that the prompt cache may hold, the last prompt token
             included (default 256); ``None`` keeps everything. Prompts of at most ``budget`` tokens are not
             compressed at all.
+        observer_block_size: keyword only; observer rows whose attention onto all keys is computed at once
+            (default :data:`~draft_rag.scoring.OBSERVER_BLOCK_SIZE`): it bounds the scoring's extra memory,
+            O(rows * heads * prompt tokens) per layer, and does not change which entries are kept.
     """
 
     budget: int | None = 256
+    observer_block_size: int = field(default=OBSERVER_BLOCK_SIZE, kw_only=True, compare=False)
 
     name: ClassVar[str] = ""
     uses_draft: ClassVar[bool] = False
@@ -69,6 +73,7 @@ class KVEviction:
     def __post_init__(self) -> None:
         if self.budget is not None:
             check_int("budget", self.budget, 1)
+        check_int("observer_block_size", self.observer_block_size, 1)
 
     def evicts(self, prompt_length: int) -> bool:
         """Whether a prompt of ``prompt_length`` tokens is longer than the budget."""
@@ -130,7 +135,10 @@ class KVEviction:
         with ExitStack() as stack:
             scorer = None
             if observers is not None:
-                scorer = ObserverScores(model, observers.first, ids.shape[1] - observers.first, observers.reduction)
+                scorer = ObserverScores(
+                    model, observers.first, ids.shape[1] - observers.first, observers.reduction,
+                    block_size=self.observer_block_size,
+                )
                 stack.enter_context(scorer)
 
             def evict(layer: Any, index: int) -> None:

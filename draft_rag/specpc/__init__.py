@@ -48,7 +48,8 @@ SELECTION_SETTINGS = frozenset({"budget", "pool", "kernel_size", "neighbor_token
 """SpecPC settings that act only after the draft pass: two SpecPCs that differ only in these read a text
 alike, so the :class:`ContextScores` of one can be passed to the other's :meth:`SpecPC.select`."""
 
-_NOT_KNOBS = frozenset({"draft", "budget", "target_tokenizer", "device", "dtype", "progress", "cache"})
+_NOT_KNOBS = frozenset({"draft", "budget", "target_tokenizer", "device", "dtype", "progress", "cache",
+                        "observer_block_size"})
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,9 @@ class SpecPC:
             lookahead row weighs 1 (False: the ramp spans all observers).
         target_tokenizer: tokenizer (or name/path) of the model that will read the result, for counting.
         chunk_size: prefill chunk length, bounding activation memory on long inputs (2048).
+        observer_block_size: observer rows whose attention onto all keys is computed at once, bounding the
+            scoring's extra memory (O(rows * heads * prompt tokens) per layer); None (default) is
+            :data:`draft_rag.scoring.OBSERVER_BLOCK_SIZE` (32). The kept text does not depend on it.
         elision_marker: placed between kept spans, and at either end where text was cut (``" … "``; ``""``
             joins the spans directly).
         device, dtype: where and how to run the draft (default CUDA when available, in bf16 where the GPU has
@@ -219,6 +223,7 @@ class SpecPC:
     ramp_window_only: bool = False
     target_tokenizer: str | PreTrainedTokenizerBase | None = None
     chunk_size: int = 2048
+    observer_block_size: int | None = None
     elision_marker: str = ELISION_MARKER
     device: str | None = None
     dtype: Any = None
@@ -235,6 +240,9 @@ class SpecPC:
         for name, minimum in minimums.items():
             check_int(f"SpecPC {name}", getattr(self, name), minimum)
             setattr(self, name, int(getattr(self, name)))
+        if self.observer_block_size is not None:
+            check_int("SpecPC observer_block_size", self.observer_block_size, 1)
+            self.observer_block_size = int(self.observer_block_size)
         for name, allowed in (("pool", ("max", "avg")), ("reduction", ("max", "mean")),
                               ("observer_reduction", ("max", "mean")), ("observe_from", ("window", "question"))):
             if getattr(self, name) not in allowed:
@@ -396,7 +404,8 @@ class SpecPC:
         reduction = ScoreReduction(self.reduction, self.observer_reduction, self.weighted_query,
                                    window if self.ramp_window_only else None)
         return score_prompt(draft, prompt, window, extra, reduction, range(first_layer, num_layers),
-                            cache=self.cache, chunk_size=self.chunk_size, progress=self.progress)
+                            cache=self.cache, chunk_size=self.chunk_size, progress=self.progress,
+                            observer_block_size=self.observer_block_size)
 
     def _fit_budget(
         self,

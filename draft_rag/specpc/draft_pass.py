@@ -8,7 +8,7 @@ answer (:func:`draft_rag.kv.speckv.draft_answer`) and, through SpecPC's lookahea
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from draft_rag.models import LoadedModel, stop_token_ids
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
 
     from draft_rag.draft_cache import DraftCache
-    from draft_rag.scoring import ScoreReduction
+    from draft_rag.scoring import ObserverScores, ScoreReduction
     from draft_rag.specpc.prompt import _DraftPrompt
 
 
@@ -33,6 +33,7 @@ def score_prompt(
     cache: DraftCache | None,
     chunk_size: int,
     progress: bool | None,
+    observer_block_size: int | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Draft attention score of every prompt position ``[n]`` (not pooled), and the lookahead tokens generated.
 
@@ -41,17 +42,19 @@ def score_prompt(
     are the last ``window`` prompt positions and those tokens. Scores are reduced over heads and observers
     (``reduction``), then ``max`` over ``layers``. With a draft ``cache``, the documents' cached K/V stand in
     for the prefill before the window. ``progress`` shows a bar over the prefill (None: only on a terminal).
+    ``observer_block_size``: observer rows scored at once (None: the scoring's default).
     """
     import torch
     from tqdm.auto import tqdm
 
-    from draft_rag.scoring import ObserverScores, prefill
+    from draft_rag.scoring import OBSERVER_BLOCK_SIZE, ObserverScores, prefill
 
     model = draft.model
     n = len(prompt.input_ids)
     ids = torch.tensor([prompt.input_ids], device=draft.device)
     stops = set(stop_token_ids(draft))
-    scorer = ObserverScores(model, n - window, window + lookahead, reduction, layers)
+    scorer = ObserverScores(model, n - window, window + lookahead, reduction, layers,
+                            block_size=observer_block_size or OBSERVER_BLOCK_SIZE)
     past = None
     if cache is not None:  # the cached documents up to the window; only the rest runs below
         prefix_ids, chunks = prompt.cache_chunks()
@@ -61,7 +64,7 @@ def score_prompt(
                                   disable=None if progress is None else not progress) as bar:
         kv, logits = prefill(model, ids[:, start:], past, chunk_size=chunk_size, progress=bar.update)
         # Every lookahead token runs through the draft, the last one too: its query observes.
-        generated = greedy_tokens(model, kv, logits, lookahead, stops, feed_last=True)
+        generated = greedy_tokens(model, kv, logits, lookahead, stops, feed_last=True, scorer=scorer)
     per_layer = scorer.scores()[:, 0, :, :n]  # [layers, kv_heads, n]
     per_key = per_layer.amax(dim=1) if reduction.heads == "max" else per_layer.mean(dim=1)
     return per_key.amax(dim=0), generated
@@ -72,26 +75,59 @@ def greedy_tokens(
     cache: Cache,
     logits: torch.Tensor,
     max_tokens: int,
-    stop_ids: Container[int],
+    stop_ids: Collection[int],
     *,
     feed_last: bool = False,
+    scorer: ObserverScores | None = None,
 ) -> list[int]:
     """The model's greedy continuation of the sequence in ``cache``: at most ``max_tokens`` token ids, cut
-    before the first of ``stop_ids`` (which is never run).
+    before the first of ``stop_ids``.
 
     ``logits`` (``[1, vocab]``) are the last position's. Each token taken runs through the model, extending
     ``cache``, to give the next one's logits; the last one runs only with ``feed_last``, for hooks that
     read its query (SpecPC's observers), since nothing reads its logits. The caller holds the model's lock.
+
+    Tokens are picked and checked against ``stop_ids`` on the device; the host learns them through
+    :class:`~draft_rag.decoding.HostCopies`, never by ``.item()``. On a CUDA device a token's stop check is
+    read only once its forward pass is queued (the host then waits for that token alone, while the device has
+    the next step to run), so the device never idles waiting for the host: a stop token therefore runs through
+    the model, its rows are left out of ``scorer`` (the :class:`~draft_rag.scoring.ObserverScores`
+    watching these calls, if any, see :meth:`~draft_rag.scoring.ObserverScores.gate`) and its entry is cropped
+    from ``cache`` again. Elsewhere the check comes first and the stop token never runs. Either way the tokens,
+    the cache and the scores come out the same.
     """
+    import torch
+
+    from draft_rag.decoding import HostCopies
     from draft_rag.scoring import prefill
 
-    tokens: list[int] = []
-    for _ in range(max_tokens):
+    if max_tokens == 0:
+        return []
+    device = logits.device
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    copies = HostCopies(max_tokens, 2, device)
+    going = torch.ones((), dtype=torch.bool, device=device)
+    steps = 0  # tokens picked
+    ran = 0  # tokens run through the model
+    for step in range(max_tokens):
         token = logits.argmax(dim=-1, keepdim=True)
-        if token.item() in stop_ids:
+        going = going & ~torch.isin(token[0, 0], stops)
+        copies.put(step, torch.stack([token[0, 0], going.long()]))
+        steps += 1
+        if not copies.overlaps and not copies.get(step)[1]:
             break
-        tokens.append(int(token.item()))
-        if len(tokens) == max_tokens and not feed_last:
+        if steps == max_tokens and not feed_last:
             break
+        if scorer is not None and copies.overlaps:
+            scorer.gate(going)
         _, logits = prefill(model, token, cache)
+        ran += 1
+        if copies.overlaps and not copies.get(step)[1]:
+            break
+    if scorer is not None:
+        scorer.gate(None)
+    picked = [copies.get(step) for step in range(steps)]
+    tokens = [int(token) for token, going_on in picked if going_on]
+    if ran > len(tokens):  # the stop token ran: drop its entry (a negative crop removes that many)
+        cache.crop(len(tokens) - ran)
     return tokens

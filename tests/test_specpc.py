@@ -12,7 +12,7 @@ import torch
 from draft_rag import DraftCache, LoadedModel, SpecPC
 from draft_rag.bench.tiny import CHATML
 from draft_rag.specpc.prompt import TEMPLATE_DATE, _template_parts
-from draft_rag.specpc.selection import select_tokens
+from draft_rag.specpc.selection import select_tokens, selection_order
 from draft_rag.specpc.text import join_spans, snap_spans
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -207,6 +207,37 @@ def test_select_tokens_neighbourhoods():
     assert select_tokens(scores, 2, 1).tolist() == [2, 10]
     assert select_tokens(scores, 100, 4).tolist() == list(range(20))
     assert select_tokens(scores, 0, 4).tolist() == []
+
+
+def _select_one_budget(scores, budget, neighbor_tokens, segments=None):
+    """The selection rule walked for one budget alone, the obvious way (the reference)."""
+    m = len(scores)
+    owner = {p: (a, b) for a, b in (segments or [(0, m)]) for p in range(a, b)}
+    kept = []
+    for center in sorted(range(m), key=lambda p: (-float(scores[p]), p)):
+        a, b = owner[center]
+        lo, hi = max(center - neighbor_tokens // 2, a), min(center - neighbor_tokens // 2 + neighbor_tokens, b)
+        fresh = sorted((p for p in range(lo, hi) if p not in kept), key=lambda p: (abs(p - center), p))
+        kept += fresh[: max(budget - len(kept), 0)]
+        if len(kept) >= budget:
+            break
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_budget_selects_what_the_rule_walked_for_that_budget_alone_selects(seed):
+    generator = torch.Generator().manual_seed(seed)
+    m = 60
+    scores = torch.randint(0, 8, (m,), generator=generator).float()  # many ties
+    cuts = sorted(torch.randperm(m - 1, generator=generator)[:3].add(1).tolist())
+    segments = list(zip([0, *cuts], [*cuts, m]))
+    for neighbor_tokens in (1, 3, 8):
+        order = selection_order(scores, m, neighbor_tokens, segments)
+        assert sorted(order) == list(range(m))
+        for budget in (0, 1, 5, 17, 33, 59, 60, 80):
+            expected = _select_one_budget(scores, budget, neighbor_tokens, segments)
+            assert select_tokens(scores, budget, neighbor_tokens, segments).tolist() == expected
+            assert sorted(order[:budget]) == expected
 
 
 def test_snap_and_join_spans():

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from draft_rag.models import DEFAULT_DRAFT, LoadedModel, load_model
 from draft_rag.specpc.draft_pass import score_prompt
 from draft_rag.specpc.prompt import _cache_chunks, _check_documents, _check_inputs, _check_length, _count, _DraftPrompt
-from draft_rag.specpc.selection import fit_to_budget, pool_context, select_tokens
+from draft_rag.specpc.selection import fit_to_budget, pool_context, selection_order
 from draft_rag.specpc.text import ELISION_MARKER, join_spans, snap_spans
 
 if TYPE_CHECKING:
@@ -418,9 +418,11 @@ class SpecPC:
         """The documents rebuilt from the largest token selection whose text fits the budget."""
         context_scores, segments = pool_context(prompt, scores, self.kernel_size, self.pool, self.document_boundaries)
 
+        # One walk gives every smaller budget's selection as a prefix (the search below tries several).
+        order = selection_order(context_scores, budget, self.neighbor_tokens, segments)
+
         def build(draft_budget: int) -> list[CompressedDocument]:
-            kept = select_tokens(context_scores, draft_budget, self.neighbor_tokens, segments)
-            return self._rebuild(prompt, kept.tolist(), context_scores, counter, originals)
+            return self._rebuild(prompt, sorted(order[:draft_budget]), context_scores, counter, originals)
 
         return fit_to_budget(build, budget)
 

@@ -44,38 +44,48 @@ def select_tokens(
     positions of ``[p - neighbor_tokens // 2, p - neighbor_tokens // 2 + neighbor_tokens)``, nearest to
     ``p`` first, until ``budget`` positions are kept. With ``segments`` (``(start, end)`` ranges that
     tile the positions, e.g. documents), a neighbourhood is clipped to the segment holding ``p``.
+    The selection for ``budget`` is the first ``budget`` positions of :func:`selection_order`.
+    """
+    import torch
+
+    kept = selection_order(scores, budget, neighbor_tokens, segments)[: max(budget, 0)]
+    return torch.tensor(sorted(kept), dtype=torch.long)
+
+
+def selection_order(
+    scores: torch.Tensor, limit: int, neighbor_tokens: int, segments: list[tuple[int, int]] | None = None
+) -> list[int]:
+    """The first ``limit`` positions in the order :func:`select_tokens` keeps them.
+
+    Keeping only adds positions as the budget grows (each visit's fresh positions, nearest to its centre
+    first, ties to the earlier one), so every budget's selection is a prefix of this one order: budgets
+    tried one after another cost one walk. Plain Python over the scores' list: faster than small tensor
+    operations per position.
     """
     import torch
 
     m = scores.shape[0]
-    budget = min(budget, m)
-    if budget <= 0:
-        return torch.zeros(0, dtype=torch.long)
-    order = torch.argsort(scores.float().cpu(), descending=True, stable=True)
+    limit = min(limit, m)
+    if limit <= 0:
+        return []
+    order = torch.argsort(scores.float().cpu(), descending=True, stable=True).tolist()
     if neighbor_tokens <= 1:
-        return order[:budget].sort().values
-    kept = torch.zeros(m, dtype=torch.bool)
-    count = 0
-    half = neighbor_tokens // 2
-    bounds = torch.zeros(m, 2, dtype=torch.long)
-    bounds[:, 1] = m
+        return order[:limit]
+    segment_of = [(0, m)] * m
     for start, end in segments or []:
-        bounds[start:end] = torch.tensor([start, end])
-    for center in order.tolist():
-        first, last = bounds[center].tolist()
-        lo, hi = max(center - half, first), min(center - half + neighbor_tokens, last)
-        window = torch.arange(lo, hi)
-        fresh = window[~kept[lo:hi]]
-        if fresh.numel() == 0:
-            continue
-        if count + fresh.numel() > budget:
-            nearest = torch.argsort((fresh - center).abs(), stable=True)[: budget - count]
-            fresh = fresh[nearest]
-        kept[fresh] = True
-        count += fresh.numel()
-        if count >= budget:
+        segment_of[start:end] = [(start, end)] * (end - start)
+    half = neighbor_tokens // 2
+    kept = [False] * m
+    picked: list[int] = []
+    for center in order:
+        first, last = segment_of[center]
+        window = range(max(center - half, first), min(center - half + neighbor_tokens, last))
+        for position in sorted((p for p in window if not kept[p]), key=lambda p: (abs(p - center), p)):
+            kept[position] = True
+            picked.append(position)
+        if len(picked) >= limit:
             break
-    return kept.nonzero().flatten()
+    return picked[:limit]
 
 
 def fit_to_budget(

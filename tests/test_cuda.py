@@ -1,8 +1,10 @@
-"""What only a CUDA device can show: no waits in the hot loops, the GPU kernels' results, no fp32 copies.
+"""What only a CUDA device can show: no waits in the hot loops, the GPU kernels' results, no fp32 copies, the
+draft cache's entries on the GPU and in pinned host memory.
 
 These run only where CUDA is available (``benchmarks/gpu_run.sh`` runs them on a lent GPU, in the dtype of
 ``DRAFT_RAG_TEST_DTYPE``, bf16 by default); on a CPU-only machine they are skipped, and the CPU tests check the
-same code paths as far as a CPU can (tests/test_host_syncs.py, tests/test_sparse_prefill.py).
+same code paths as far as a CPU can (tests/test_host_syncs.py, tests/test_sparse_prefill.py,
+tests/test_draft_cache_tiers.py).
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import warnings
 import pytest
 import torch
 
+from draft_rag import DraftCache
 from draft_rag.decoding import Sampler
+from draft_rag.draft_cache import bytes_per_token
 from draft_rag.engine import SpecKV
 from draft_rag.scoring import observer_attention, prefill, score_operand
 from draft_rag.sparse_prefill import sparse_prefill_attention, vertical_columns
 from draft_rag.specpc.draft_pass import greedy_tokens
+from draft_rag.specpc.prompt import _DraftPrompt
+from tests.test_draft_cache import DOCS, QUERY, make, scores
 from tests.test_sparse_prefill import masked_dense, random_qkv, vertical_slash_mask
 from tests.test_speckv import LONG_PROMPT
 from tests.tiny import tiny_model
@@ -117,3 +123,29 @@ def test_speckv_with_sparse_prefill_runs_on_cuda():
     expected = dense.generate(LONG_PROMPT, max_new_tokens=6).token_ids
     assert wide.generate(LONG_PROMPT, max_new_tokens=6).token_ids == expected
     assert len(sparse.generate(LONG_PROMPT, max_new_tokens=6).token_ids) >= 1
+
+
+def test_draft_cache_keeps_entries_on_the_gpu_and_pinned_below_it_and_moves_them_without_waiting():
+    draft = cuda_model()
+    expected = scores(make(draft, DraftCache()), QUERY, DOCS)
+    prefix_ids, chunks = _DraftPrompt(draft.tokenizer, "", DOCS).cache_chunks()
+    longest = max(len(chunk.input_ids) for chunk in chunks)
+    cache = DraftCache(max_bytes=bytes_per_token(draft) * (len(prefix_ids) + longest))  # the rest goes to the host
+    cache.add(draft, prefix_ids, chunks)
+    on_device, on_host = list(cache._device.entries.values()), list(cache._host.entries.values())
+    assert on_device and all(entry.keys.is_cuda and entry.values.is_cuda for entry in on_device)
+    assert on_host and all(entry.keys.is_pinned() and entry.values.is_pinned() for entry in on_host)
+    length = len(prefix_ids) + sum(len(chunk.input_ids) for chunk in chunks)
+    before = cache.stats
+    assert synchronizing_calls(lambda: cache.context(draft, prefix_ids, chunks, length)) == []
+    assert cache.stats.host_hits > before.host_hits and cache.stats.misses == before.misses == 4
+    assert torch.equal(scores(make(draft, cache), QUERY, DOCS), expected)
+
+
+def test_draft_cache_takes_a_draft_placed_on_one_gpu_with_device_map():
+    draft = cuda_model()
+    draft.model.hf_device_map = {"": torch.cuda.current_device()}
+    cache = DraftCache()
+    first = make(draft, cache).compress(QUERY, DOCS).texts
+    assert make(draft, cache).compress(QUERY, DOCS).texts == first
+    assert (cache.stats.misses, cache.stats.device_hits, cache.stats.host_entries) == (4, 4, 0)

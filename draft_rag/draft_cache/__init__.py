@@ -12,14 +12,17 @@ prefill of the prompt; with a single document they are the same.
 
 Entries are content-addressed: the key is a SHA-256 of the model's fingerprint (class, config and every byte
 of its weights), its dtype, the prefix token ids and the document text, so an entry made by another model,
-dtype or chat template is never used. In memory the cache is an LRU bounded in bytes; with a ``directory``
-every entry is also a safetensors file there, which other processes read. An entry is used only when its
-token ids, position and every layer's K/V shape match what the model would make, and a file only when the
-SHA-256 of its tensors matches the one written into it.
+dtype or chat template is never used. Entries are kept on the draft's device (an LRU bounded in bytes), so that a
+query moves nothing between host and device; for a draft on an accelerator, what that tier pushes out falls to host
+memory (pinned, another LRU bounded in bytes) and a lookup copies it back. With a ``directory`` every entry is also
+a safetensors file there, which other processes read. An entry is used only when its token ids, position and every
+layer's K/V shape match what the model would make, and a file only when the SHA-256 of its tensors matches the one
+written into it.
 Reuse of per-chunk K/V follows APE (https://arxiv.org/abs/2502.05431) and TurboRAG
 (https://arxiv.org/abs/2410.07590).
 
-This module holds the cache itself (the LRU in memory, one encoding per missed key, ``add`` and ``context``);
+This module holds the cache itself (its tiers, one encoding per missed key, ``add`` and ``context``);
+:mod:`~draft_rag.draft_cache.tiers` holds the tiers in memory and the copies between them,
 :mod:`~draft_rag.draft_cache.layout` encodes chunks and lays them out at prompt positions,
 :mod:`~draft_rag.draft_cache.store` keeps the entries on disk, and :mod:`~draft_rag.draft_cache.fingerprint`
 names them.
@@ -29,8 +32,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,9 +50,11 @@ from draft_rag.draft_cache.layout import (
     lay_out,
 )
 from draft_rag.draft_cache.store import cache_directory, read_entry, write_entry
+from draft_rag.draft_cache.tiers import MemoryTier, entry_on_device, entry_on_host, offloads
 from draft_rag.models import LoadedModel
 
 if TYPE_CHECKING:
+    import torch
     from transformers import DynamicCache
 
 __all__ = [
@@ -66,14 +70,23 @@ __all__ = [
 
 @dataclass(frozen=True)
 class CacheStats:
-    """Counters of a :class:`DraftCache`.
+    """Counters of a :class:`DraftCache`, in all and per tier.
 
     Attributes:
-        hits: lookups answered from memory or disk (the shared prefix is looked up once per call too).
+        hits: lookups answered from memory or disk, ``device_hits + host_hits + disk_hits`` (the shared prefix
+            is looked up once per call too).
         misses: lookups that had to run the draft model.
-        entries: entries held in memory.
+        entries: entries held in memory, ``device_entries + host_entries``.
         tokens: tokens of the entries held in memory.
-        bytes: bytes of K/V held in memory (at most ``max_bytes``).
+        bytes: bytes of K/V held in memory, ``device_bytes + host_bytes``.
+        device_hits: lookups answered from the device tier, including those that waited for another thread
+            reading or encoding the same entry.
+        host_hits: lookups answered from the host tier, each copying the entry back to the device tier.
+        disk_hits: lookups answered from a file in the cache's directory.
+        device_entries: entries in the device tier (on the draft's device; host memory for a CPU draft).
+        device_bytes: bytes of K/V in the device tier (at most ``max_bytes``).
+        host_entries: entries in the host tier (only a draft on an accelerator fills it).
+        host_bytes: bytes of K/V in the host tier (at most ``max_host_bytes``).
     """
 
     hits: int
@@ -81,6 +94,13 @@ class CacheStats:
     entries: int
     tokens: int
     bytes: int
+    device_hits: int = 0
+    host_hits: int = 0
+    disk_hits: int = 0
+    device_entries: int = 0
+    device_bytes: int = 0
+    host_entries: int = 0
+    host_bytes: int = 0
 
 
 @dataclass(eq=False)
@@ -92,13 +112,21 @@ class DraftCache:
     ``window_size`` prompt tokens through the draft. :meth:`SpecPC.warm <draft_rag.specpc.SpecPC.warm>`
     encodes documents ahead of time. Safe to share between threads and compressors, even of different
     draft models: keys never collide across models, dtypes or chat templates, and threads that miss the same
-    document at once encode it once (the others wait for it). Entries are held in CPU memory and copied to
-    the draft's device for each query.
+    document at once encode it once (the others wait for it).
+
+    Entries are kept in tiers, each entry in one: on the draft's device (``max_bytes``), so that a query over
+    cached documents moves nothing between host and device; for a draft on an accelerator, then in host memory
+    (``max_host_bytes``, pinned where CUDA is available so that copies to and from the device do not make the host
+    wait); then on disk (``directory``). What a tier pushes out (least recently used first) falls to the next one,
+    and a lookup moves the entry back to the device tier. :attr:`stats` counts hits and bytes per tier. A draft
+    split over several devices with ``device_map`` is refused (NotImplementedError, before any compute): load it on
+    one device.
 
     Args:
-        max_bytes: most bytes of K/V kept in memory (1 GiB); the least recently used entries go first. About
-            :func:`bytes_per_token` per token: 12 KiB for the packaged 0.5B draft in bf16. An entry larger
-            than this serves the query that made it but is not kept in memory.
+        max_bytes: most bytes of K/V kept on the draft's device (1 GiB); for a CPU draft, the most kept in
+            memory. About :func:`bytes_per_token` per token: 12 KiB for the packaged 0.5B draft in bf16. An
+            entry larger than this serves the query that made it but is not kept on the device (a draft on an
+            accelerator keeps it in the host tier, if it fits there).
         directory: also keep each entry as a safetensors file in this directory, for later runs and other
             processes. A missing directory is created with mode 0700 (:data:`.store.DIRECTORY_MODE`: the entry
             names and files hold users' documents); missing parents get the default mode, and a directory that
@@ -108,10 +136,15 @@ class DraftCache:
             or dtype's K/V, has the wrong shape or fails its SHA-256 checksum is ignored and rebuilt. Files
             are never deleted by the cache; a read-only directory serves its entries and new ones stay in
             memory (with a warning).
+        max_host_bytes: most bytes of K/V kept in host memory for a draft on an accelerator (4 GiB), as the
+            tier below the device: entries the device tier pushes out, until a lookup copies them back. Not
+            used by a CPU draft (its device tier is host memory already). 0 turns the tier off.
 
     Raises:
-        TypeError: ``directory`` is not a ``str`` or ``os.PathLike`` of ``str`` (e.g. bytes).
-        ValueError: ``directory`` is empty, names a file (or a path under one), or cannot be created.
+        TypeError: ``max_bytes`` or ``max_host_bytes`` is not an integer, or ``directory`` is not a ``str`` or
+            ``os.PathLike`` of ``str`` (e.g. bytes).
+        ValueError: ``max_bytes`` or ``max_host_bytes`` is negative, or ``directory`` is empty, names a file (or
+            a path under one), or cannot be created.
 
     Example:
         >>> cache = DraftCache(max_bytes=2 << 30, directory="~/.cache/my-rag/draft")
@@ -123,28 +156,44 @@ class DraftCache:
 
     max_bytes: int = 1 << 30
     directory: str | os.PathLike[str] | None = None
-    _entries: OrderedDict[str, CachedChunk] = field(default_factory=OrderedDict, init=False, repr=False)
+    max_host_bytes: int = 4 << 30
+    _device: MemoryTier = field(default_factory=MemoryTier, init=False, repr=False)
+    _host: MemoryTier = field(default_factory=MemoryTier, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _counts: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(("hits", "misses", "tokens", "bytes"), 0), init=False, repr=False
+        default_factory=lambda: dict.fromkeys(("misses", "device_hits", "host_hits", "disk_hits"), 0),
+        init=False, repr=False,
     )
     # Keys being read from disk or encoded right now, each by one thread; others asking for it wait on its future.
     _flights: dict[str, Future[CachedChunk]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_int("DraftCache max_bytes", self.max_bytes, 0)
+        check_int("DraftCache max_host_bytes", self.max_host_bytes, 0)
         if self.directory is not None:
             self.directory = cache_directory(self.directory)
 
     @property
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(entries=len(self._entries), **self._counts)
+            device, host, counts = self._device, self._host, self._counts
+            return CacheStats(
+                hits=counts["device_hits"] + counts["host_hits"] + counts["disk_hits"],
+                entries=len(device.entries) + len(host.entries),
+                tokens=device.tokens + host.tokens,
+                bytes=device.bytes + host.bytes,
+                device_entries=len(device.entries),
+                device_bytes=device.bytes,
+                host_entries=len(host.entries),
+                host_bytes=host.bytes,
+                **counts,
+            )
 
     def clear(self) -> None:
-        """Forget the entries held in memory and reset the counters; files on disk stay."""
+        """Forget the entries held in memory (both tiers) and reset the counters; files on disk stay."""
         with self._lock:
-            self._entries.clear()
+            self._device.clear()
+            self._host.clear()
             self._counts.update(dict.fromkeys(self._counts, 0))
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -153,7 +202,7 @@ class DraftCache:
         A copy, e.g. one sent to a worker process, starts empty; with a ``directory`` it reads and writes the
         same files, so what the workers encode is found by every process that uses the directory.
         """
-        return (type(self), (self.max_bytes, self.directory))
+        return (type(self), (self.max_bytes, self.directory, self.max_host_bytes))
 
     def add(
         self,
@@ -167,8 +216,9 @@ class DraftCache:
         """Encode and store the chunks (and the prefix) that are not cached yet.
 
         ``chunks`` is read one chunk at a time (pass a generator to stream a corpus), so memory stays bounded
-        by ``max_bytes`` however many chunks are passed. A list is checked whole before any compute; the
-        chunks of any other iterable are checked as they come, after the earlier ones are stored.
+        by ``max_bytes`` (and ``max_host_bytes`` for a draft on an accelerator) however many chunks are passed.
+        A list is checked whole before any compute; the chunks of any other iterable are checked as they come,
+        after the earlier ones are stored.
         """
         for _ in self._resolve(draft, prefix_ids, chunks, chunk_size, progress):
             pass
@@ -186,8 +236,14 @@ class DraftCache:
         """A draft KV cache of the first ``length`` positions of the prompt ``prefix_ids + chunks...``.
 
         Chunks not cached yet are encoded and stored first (all of them, also those past ``length``). Each
-        chunk's keys are rotated to the chunk's place in this prompt. The cache holds fewer positions than
-        ``length`` when the chunks end sooner (``get_seq_length()`` says how many); the caller runs the rest.
+        chunk's keys are rotated to the chunk's place in this prompt, on the draft's device. The cache holds
+        fewer positions than ``length`` when the chunks end sooner (``get_seq_length()`` says how many); the
+        caller runs the rest.
+
+        Raises:
+            NotImplementedError: the draft's keys cannot be moved to new positions, or the draft is split over
+                several devices with ``device_map`` (before any compute).
+            ValueError: a chunk does not fit in the draft's context after the prefix.
         """
         check_int("length", length, 0)
         return lay_out(draft.model, self._resolve(draft, prefix_ids, chunks, chunk_size, progress), length)
@@ -235,21 +291,21 @@ class DraftCache:
     ) -> CachedChunk:
         """The entry under ``key`` from memory or disk, else encoded by the draft (after ``prefix``) and stored.
 
+        The entry returned is in the device tier (on the draft's device) unless it is larger than that tier.
         One thread at a time reads or encodes a key: the others that miss it meanwhile wait for that entry
         instead of encoding it again, and get its error if it fails (the next call then tries afresh).
         """
         position = 0 if prefix is None else len(prefix.input_ids)
+        device = draft.device
 
         def fits(entry: CachedChunk) -> bool:
             return entry_fits(entry, draft.model, input_ids, offsets, position)
 
         while True:
             with self._lock:
-                entry = self._entries.get(key.digest)
                 # Token ids are compared too, in case the same model is used with another tokenizer.
-                if entry is not None and fits(entry):
-                    self._entries.move_to_end(key.digest)
-                    self._counts["hits"] += 1
+                entry = self._look_up(key.digest, device, fits)
+                if entry is not None:
                     return entry
                 flight = self._flights.get(key.digest)
                 if flight is None:
@@ -257,12 +313,13 @@ class DraftCache:
                     break
             entry = flight.result()  # another thread's read or encoding of this key; raises its error
             if fits(entry):
-                self._count("hits")
+                self._count("device_hits")
                 return entry
         try:
             entry = read_entry(self.directory, key)
             if entry is not None and fits(entry):
-                self._count("hits")
+                self._count("disk_hits")
+                entry = entry_on_device(entry, device)
             else:
                 with draft.lock:
                     entry = encode_chunk(draft.model, input_ids, offsets, prefix, chunk_size)
@@ -276,7 +333,8 @@ class DraftCache:
                     raise NotImplementedError(msg)
                 self._count("misses")
                 write_entry(self.directory, key, entry)
-            self._remember(key.digest, entry)
+            with self._lock:
+                self._keep(key.digest, entry)
         except BaseException as error:
             flight.set_exception(error)
             raise
@@ -291,23 +349,35 @@ class DraftCache:
         with self._lock:
             self._counts[name] += 1
 
-    def _remember(self, digest: str, entry: CachedChunk) -> None:
-        """Keep ``entry`` in memory as the most recently used, evicting the least recently used beyond ``max_bytes``."""
-        with self._lock:
-            self._forget(digest)
-            if entry.nbytes > self.max_bytes:
-                return
-            self._entries[digest] = entry
-            self._counts["bytes"] += entry.nbytes
-            self._counts["tokens"] += len(entry.input_ids)
-            while self._counts["bytes"] > self.max_bytes:
-                self._forget(next(iter(self._entries)))
+    def _look_up(self, digest: str, device: torch.device, fits: Callable[[CachedChunk], bool]) -> CachedChunk | None:
+        """The entry under ``digest`` from a tier in memory, on ``device`` and moved up to the device tier (unless
+        larger than it); None when no tier holds one that ``fits``. Called under the lock."""
+        tiers = [("device_hits", self._device)]
+        # A CPU draft does not read the host tier: the copies into it are queued without waiting, so only a copy
+        # back to an accelerator, queued after them, may read it.
+        if offloads(device):
+            tiers.append(("host_hits", self._host))
+        for counter, tier in tiers:
+            entry = tier.entries.get(digest)
+            if entry is None or not fits(entry):
+                continue
+            self._counts[counter] += 1
+            if (tier is self._device and entry.keys.device == device) or entry.nbytes > self.max_bytes:
+                tier.entries.move_to_end(digest)  # where it is already, or too large for the device tier
+                return entry_on_device(entry, device)
+            return self._keep(digest, entry_on_device(entry, device))
+        return None
 
-    def _forget(self, digest: str) -> None:
-        old = self._entries.pop(digest, None)
-        if old is not None:
-            self._counts["bytes"] -= old.nbytes
-            self._counts["tokens"] -= len(old.input_ids)
+    def _keep(self, digest: str, entry: CachedChunk) -> CachedChunk:
+        """Put ``entry`` in the device tier as the most recently used and return it. What the device tier pushes
+        out (``entry`` itself when larger than ``max_bytes``) falls to the host tier if it is on an accelerator,
+        and what that pushes out is dropped. Called under the lock."""
+        self._device.pop(digest)
+        self._host.pop(digest)
+        for old_digest, old in self._device.put(digest, entry, self.max_bytes):
+            if offloads(old.keys.device) and old.nbytes <= self.max_host_bytes:
+                self._host.put(old_digest, entry_on_host(old), self.max_host_bytes)
+        return entry
 
 
 def as_draft_cache(value: object) -> DraftCache | None:

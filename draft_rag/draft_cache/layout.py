@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from draft_rag.draft_cache.tiers import to_device
 from draft_rag.hf import cache_from_tensors, cache_tensors, check_supported, empty_cache, kv_shape, rotate_keys
+from draft_rag.hf.attention import model_name
 from draft_rag.models import LoadedModel
 from draft_rag.scoring import prefill
 
@@ -35,8 +37,9 @@ class Chunk:
 class CachedChunk:
     """An encoded chunk (or the shared prefix): its token ids and character spans, and every layer's K/V.
 
-    ``keys`` and ``values`` are ``[layers, kv_heads, tokens, head_dim]`` in the model's dtype, on the CPU; the
-    keys are post-RoPE for positions ``position, position + 1, ...``, where the chunk was encoded.
+    ``keys`` and ``values`` are ``[layers, kv_heads, tokens, head_dim]`` in the model's dtype, on the device of
+    the tier that holds the entry (the draft's device, or host memory); the keys are post-RoPE for positions
+    ``position, position + 1, ...``, where the chunk was encoded.
     """
 
     input_ids: list[int]
@@ -80,7 +83,9 @@ def entry_fits(
 
 
 def check_chunks(draft: LoadedModel, prefix_tokens: int, chunks: Sequence[Chunk]) -> None:
-    """Raise before any compute when the draft's keys cannot be moved or a chunk does not fit after the prefix."""
+    """Raise before any compute when the draft's keys cannot be moved, the draft is split over devices, or a chunk
+    does not fit after the prefix."""
+    check_one_device(draft.model)
     longest = max((len(chunk.input_ids) for chunk in chunks), default=0)
     needed = prefix_tokens + longest
     if needed > draft.max_context:
@@ -101,39 +106,67 @@ def encode_chunk(
 ) -> CachedChunk:
     """Run ``input_ids`` through the draft after ``prefix``'s K/V (none: from position 0) and keep their K/V."""
     position = 0 if prefix is None else len(prefix.input_ids)
+    device = model.device
     if not input_ids:
         layers, kv_heads, head_dim = kv_shape(model)
-        empty = torch.empty(layers, kv_heads, 0, head_dim, dtype=model.dtype)
+        empty = torch.empty(layers, kv_heads, 0, head_dim, dtype=model.dtype, device=device)
         return CachedChunk([], offsets, empty, empty.clone(), position)
     past = None
     if prefix is not None and position:
-        past = cache_from_tensors(
-            (k[None].to(model.device), v[None].to(model.device)) for k, v in zip(prefix.keys, prefix.values)
-        )
-    ids = torch.tensor([input_ids], device=model.device)
+        keys, values = to_device(prefix.keys, device), to_device(prefix.values, device)
+        past = cache_from_tensors((k[None], v[None]) for k, v in zip(keys, values))
+    ids = torch.tensor([input_ids], device=device)
     cache, _ = prefill(model, ids, past, chunk_size=chunk_size)
     cached = cache_tensors(cache)
-    keys = torch.stack([k[0, :, position:] for k, _ in cached]).cpu()
-    values = torch.stack([v[0, :, position:] for _, v in cached]).cpu()
+    # The K/V stay on the draft's device: the device tier keeps them there.
+    keys = torch.stack([k[0, :, position:] for k, _ in cached])
+    values = torch.stack([v[0, :, position:] for _, v in cached])
     return CachedChunk(input_ids, offsets, keys, values, position)
 
 
 def lay_out(model: PreTrainedModel, entries: Iterable[CachedChunk], length: int) -> DynamicCache:
     """A KV cache of ``model`` holding the first ``length`` positions of ``entries`` placed one after another.
 
-    Each entry's keys are rotated from the positions it was encoded at to its place here. Every entry is read,
-    also those past ``length``. The cache holds fewer positions than ``length`` when the entries end sooner.
+    Each entry's keys are rotated from the positions it was encoded at to its place here, on the model's device
+    and in its dtype (:func:`~draft_rag.hf.rotate_keys`), all entries in one rotation; nothing is read back to
+    the host. Every entry is read, also those past ``length``. The cache holds fewer positions than ``length``
+    when the entries end sooner.
     """
-    keys, values = [], []
+    device = model.device
+    keys, values, shifts = [], [], []
     start = 0
     for entry in entries:
         take = min(len(entry.input_ids), length - start)
         if take > 0:
-            head = entry.keys[:, :, :take].to(model.device)
-            keys.append(rotate_keys(model, head, start - entry.position))
-            values.append(entry.values[:, :, :take].to(model.device))
+            keys.append(to_device(entry.keys[:, :, :take], device))
+            values.append(to_device(entry.values[:, :, :take], device))
+            shifts.append((take, start - entry.position))
         start += len(entry.input_ids)
     if not keys:
         return empty_cache()
     all_keys, all_values = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+    # Entries laid out where they were encoded (the prefix, the first document) keep their keys; the others
+    # turn by their own shift, one per key. The shifts are filled on the device: a tensor copied from the
+    # host would make the host wait for the device's queue.
+    unmoved = 0
+    while unmoved < len(shifts) and shifts[unmoved][1] == 0:
+        unmoved += 1
+    if unmoved < len(shifts):
+        begin = sum(take for take, _ in shifts[:unmoved])
+        per_key = torch.cat([torch.full((take,), shift, device=device) for take, shift in shifts[unmoved:]])
+        # all_keys is torch.cat's own new tensor, so writing into it changes no cached entry.
+        all_keys[:, :, begin:] = rotate_keys(model, all_keys[:, :, begin:], per_key)
     return cache_from_tensors((k[None], v[None]) for k, v in zip(all_keys, all_values))
+
+
+def check_one_device(model: PreTrainedModel) -> None:
+    """Raise NotImplementedError before any compute when ``model`` is split over several devices with
+    ``device_map``: an entry holds the K/V of all layers in one tensor, on one device."""
+    devices = sorted({repr(where) for where in (getattr(model, "hf_device_map", None) or {}).values()})
+    if len(devices) > 1:
+        msg = (
+            f"{model_name(model)} is split over the devices {', '.join(devices)} by device_map, but the draft "
+            "cache keeps the K/V of all layers on one device; load the draft on one device (e.g. "
+            "device_map={'': 0} or device_map='cuda:0') or use SpecPC without cache=."
+        )
+        raise NotImplementedError(msg)

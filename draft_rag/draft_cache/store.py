@@ -105,10 +105,11 @@ def write_entry(directory: str | os.PathLike[str] | None, key: EntryKey, entry: 
 
 
 def _tensors(entry: CachedChunk) -> dict[str, torch.Tensor]:
-    """The tensors of ``entry``'s file, by name."""
+    """The tensors of ``entry``'s file, by name, in host memory (copied once from the draft's device: the checksum
+    and the file both read them)."""
     return {
-        "keys": entry.keys.contiguous(),
-        "values": entry.values.contiguous(),
+        "keys": entry.keys.contiguous().cpu(),
+        "values": entry.values.contiguous().cpu(),
         "input_ids": torch.tensor(entry.input_ids, dtype=torch.int64),
         "offsets": torch.tensor(entry.offsets, dtype=torch.int64).reshape(-1, 2),
     }

@@ -164,15 +164,18 @@ def key_rotation(model: PreTrainedModel) -> tuple[Any, Callable[..., Any] | None
     return rotary, next(iter(functions), None), rotated
 
 
-def rotate_keys(model: PreTrainedModel, keys: torch.Tensor, shift: int) -> torch.Tensor:
+def rotate_keys(model: PreTrainedModel, keys: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
     """Every layer's post-RoPE ``keys`` ``[layers, kv_heads, tokens, head_dim]`` moved ``shift`` positions later
-    (or earlier).
+    (or earlier): one shift for all, or a ``[tokens]`` tensor of each key's own shift on the keys' device.
 
     RoPE rotates each pair of dimensions by an angle proportional to the position, so a key of position ``p``
     becomes the key of position ``p + shift`` by one more rotation by ``shift``. The rotation uses the
-    model's own rotary module and ``apply_rotary_pos_emb`` (so partial and interleaved RoPE work), in fp32,
-    with the rotary module's ``attention_scaling`` divided out so that it is a pure rotation. The keys of a
-    layer without RoPE (SmolLM3's every fourth layer) hold no position and stay as they are.
+    model's own rotary module and ``apply_rotary_pos_emb`` (so partial and interleaved RoPE work), with the
+    rotary module's ``attention_scaling`` divided out so that it is a pure rotation. The angles' cosines and
+    sines are computed in fp32 and rounded once to the keys' dtype; the rotation runs on the keys' device in
+    their dtype (the model's, as its own layers apply RoPE), so no fp32 copy of the keys is made. Nothing is
+    read back to the host. The keys of a layer without RoPE (SmolLM3's every fourth layer) hold no position
+    and stay as they are.
 
     Raises:
         NotImplementedError: a shift is not one more rotation of the keys, e.g. the model's RoPE changes its
@@ -184,19 +187,23 @@ def rotate_keys(model: PreTrainedModel, keys: torch.Tensor, shift: int) -> torch
         msg = f"rotate_keys needs the keys of all {len(rotated)} layers of the model, got {keys.shape[0]}."
         raise ValueError(msg)
     layers = [index for index, rotates in enumerate(rotated) if rotates]
-    if shift == 0 or not layers:
+    if (isinstance(shift, int) and shift == 0) or not layers:
         return keys
     assert apply_rope is not None  # key_rotation found it where a layer rotates
-    probe = torch.zeros(1, device=keys.device)
-    cos, sin = rotary(probe, torch.tensor([[shift]], device=keys.device))
+    # Positions filled on the device: torch.tensor([[shift]], device=...) would copy from the host and wait.
+    positions = torch.full((1, 1), shift, device=keys.device) if isinstance(shift, int) else shift.view(1, -1)
+    probe = torch.zeros(1, device=keys.device)  # fp32, so that the rotary module returns fp32 angles
+    cos, sin = rotary(probe, positions)
     scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    cos, sin = (cos / scaling).to(keys.dtype), (sin / scaling).to(keys.dtype)
     every = len(layers) == len(rotated)
-    full = (keys if every else keys[layers]).float()
-    _, turned = apply_rope(full, full, cos.float() / scaling, sin.float() / scaling)
+    turning = keys if every else keys[layers]
+    # apply_rotary_pos_emb turns a query too: a one-head slice of the keys costs next to nothing.
+    _, turned = apply_rope(turning[:1, :1], turning, cos, sin)
     if every:
-        return turned.to(keys.dtype)
+        return turned
     moved = keys.clone()
-    moved[layers] = turned.to(keys.dtype)
+    moved[layers] = turned
     return moved
 
 

@@ -215,7 +215,8 @@ def test_settings_serialize_the_cache_settings_not_its_entries():
 
     cache = DraftCache(max_bytes=1 << 20)
     warmer = DraftCacheWarmer(postprocessor=DraftNodePostprocessor(draft="some-draft", cache=cache))
-    assert json.loads(warmer.to_json())["postprocessor"]["cache"] == "DraftCache(max_bytes=1048576, directory=None)"
+    expected = "DraftCache(max_bytes=1048576, directory=None, max_host_bytes=4294967296)"
+    assert json.loads(warmer.to_json())["postprocessor"]["cache"] == expected
 
 
 @pytest.fixture(scope="module")

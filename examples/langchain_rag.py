@@ -35,9 +35,11 @@ QUESTIONS = (
     "How should a saboteur treat the orders of managers and supervisors?",
     "How can office workers sabotage paperwork and correspondence?",
 )
+# The question comes before the context as well as after it: a small target then reads the context knowing
+# what it looks for, and answers from the passage that holds the answer instead of the first one that is close.
 PROMPT = ChatPromptTemplate.from_messages([
     ("system", "Answer the question from the context only, in two or three sentences."),
-    ("human", "Context:\n{context}\n\nQuestion: {question}"),
+    ("human", "Question: {question}\n\nContext:\n{context}\n\nQuestion: {question}"),
 ])
 
 

@@ -42,11 +42,13 @@ QUESTIONS = (
     "How should a saboteur treat the orders of managers and supervisors?",
     "How can office workers sabotage paperwork and correspondence?",
 )
-# A small local target answers best when told to stay with the context and keep it short.
+# A small local target answers best when told to stay with the context and keep it short, and when it reads the
+# question before the context as well as after it (it then answers from the passage that holds the answer).
 QA_PROMPT = ChatPromptTemplate([
     ChatMessage(role=MessageRole.SYSTEM,
                 content="Answer the question from the context only, in two or three sentences."),
-    ChatMessage(role=MessageRole.USER, content="Context:\n{context_str}\n\nQuestion: {query_str}"),
+    ChatMessage(role=MessageRole.USER,
+                content="Question: {query_str}\n\nContext:\n{context_str}\n\nQuestion: {query_str}"),
 ])
 
 

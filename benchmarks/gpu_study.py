@@ -16,10 +16,13 @@ For each target and prompt length the study measures, one after another in one p
   flash-attention 2 where the ``flash_attn`` package is installed);
 - ``sparse``: the target's time to first token of a one-pass prefill, dense against draft-guided sparse
   prefill (``--prefill-window``/``--prefill-vertical``) through FlexAttention and through sdpa blocks (on a CPU
-  only sdpa: compiling FlexAttention there takes about a minute per shape).
+  only sdpa: compiling FlexAttention there takes about a minute per shape);
+- ``engine``: engine mode's throughput (``draft-rag serve --target``, SpecKV at ``--kv-budget``, on loopback):
+  1, 4 and 16 requests sent at once, batched by its scheduler, against the same request answered one at a time
+  by ``SpecKV.generate`` without the server; at the shortest prompt length only (each longer prompt adds a
+  prefill that runs alone, so the batching shows at the shortest).
 
-Engine mode (concurrent requests batched by ``draft-rag serve``) is not measured yet: :func:`engine_rows` is the
-place for it. Rows are appended to ``gpu.jsonl`` as they are made (a rerun skips those already there) and
+Rows are appended to ``gpu.jsonl`` as they are made (a rerun skips those already there) and
 ``gpu.md`` is rewritten from all rows, with the device's name, after each step. ``benchmarks/gpu_run.sh`` runs
 this study and the CUDA tests on a GPU machine in one go.
 
@@ -49,7 +52,9 @@ TARGET_CONFIGS = ("qwen2.5-7b-instruct", "qwen2.5-14b-instruct")
 # 32000, not 32768: the answer must fit in the models' 32768-token context too.
 LENGTHS = (8192, 16384, 32000)
 ENGINE_CONCURRENCY = (1, 4, 16)
-"""Concurrent requests that engine mode's throughput is to be measured at, against one at a time."""
+"""Concurrent requests that engine mode's throughput is measured at, against one at a time."""
+ENGINE_BASELINE_REQUESTS = 2
+"""Requests answered one at a time by ``SpecKV.generate`` for engine mode's baseline."""
 SMOKE_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2}
 """What ``--smoke`` shrinks every config to (the vocabulary and the rest stay)."""
@@ -201,11 +206,58 @@ def sparse_rows(target: LoadedModel, prompt_ids: Any, args: argparse.Namespace) 
 
 
 def engine_rows(target: LoadedModel, draft: LoadedModel, prompt: str, args: argparse.Namespace) -> list[Row]:
-    """HOOK, not measured yet: engine mode's throughput at :data:`ENGINE_CONCURRENCY` concurrent requests against
-    one at a time (requests batched by ``draft-rag serve --target NAME --method speckv``). Engine mode is not part
-    of the library yet; when it is, start it here on ``target``/``draft`` and return one row per concurrency
-    (``measure`` ``"engine"``, ``config`` ``"N concurrent"``, ``tokens_per_s``)."""
-    return []
+    """Engine mode's throughput: ``N concurrent`` requests (:data:`ENGINE_CONCURRENCY`) sent at once to
+    ``draft-rag serve`` in engine mode on loopback, against ``one at a time``: the same request answered
+    :data:`ENGINE_BASELINE_REQUESTS` times in a row by ``SpecKV.generate`` with the same settings, no server.
+
+    ``tokens_per_s`` is completion tokens over the wall time of all the requests of a row; ``mean_batch_size``
+    is the mean over its requests of the batch each was answered in (requests sent at once can still be split:
+    the first one to arrive starts a batch alone when the engine is idle).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from draft_rag import SpecKV, SpecPC
+    from draft_rag.serve.app import create_app, serve_in_thread
+    from draft_rag.serve.launch import wait_until_ready
+    from draft_rag.serve.settings import GatewaySettings
+
+    settings = GatewaySettings(target=target.name, kv_budget=args.kv_budget, lookahead_tokens=args.lookahead,
+                               max_batch_size=max(ENGINE_CONCURRENCY), max_tokens=args.new_tokens)
+    engine = SpecKV(target=target, draft=draft, budget=args.kv_budget, lookahead_tokens=args.lookahead)
+
+    def row(config: str, seconds: float, tokens: int, requests: int, batch_sizes: list[int],
+            peak: int | None) -> Row:
+        return {"measure": "engine", "model": target.name, "config": config, "seconds": seconds,
+                "requests": requests, "completion_tokens": tokens, "tokens_per_s": tokens / seconds,
+                "mean_batch_size": sum(batch_sizes) / len(batch_sizes), "peak_extra_bytes": peak}
+
+    # Warm-up, here and through the server: the first SpecKV call (draft answer, scoring) of a process pays extra.
+    engine.generate(prompt, max_new_tokens=args.new_tokens)
+    with Meter(args.device).measure() as meter:
+        results = [engine.generate(prompt, max_new_tokens=args.new_tokens) for _ in range(ENGINE_BASELINE_REQUESTS)]
+    rows = [row("one at a time", meter.seconds, sum(r.completion_tokens for r in results), len(results),
+                [1] * len(results), meter.peak_extra_bytes)]
+    app = create_app(settings, specpc=SpecPC(draft=draft, budget=args.budget, progress=False), target=target)
+    body = {"model": target.name, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.new_tokens,
+            "temperature": 0}
+    with serve_in_thread(app) as url:
+        wait_until_ready(f"{url}/health", [], 600)
+
+        def ask(_: int) -> dict[str, Any]:
+            answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=3600)
+            answer.raise_for_status()
+            return dict(answer.json())
+
+        ask(0)
+        for concurrency in ENGINE_CONCURRENCY:
+            with ThreadPoolExecutor(concurrency) as pool, Meter(args.device).measure() as meter:
+                answers = list(pool.map(ask, range(concurrency)))
+            rows.append(row(f"{concurrency} concurrent", meter.seconds,
+                            sum(a["usage"]["completion_tokens"] for a in answers), concurrency,
+                            [a["draft_rag"]["batch_size"] for a in answers], meter.peak_extra_bytes))
+    return rows
 
 
 def flash_attention_2_available(device: str) -> bool:
@@ -218,28 +270,30 @@ def summarize(rows: list[Row]) -> str:
     devices = sorted({f"{r['device']} ({r['dtype']})" for r in rows})
     targets = sorted({r["model"] for r in rows if r["measure"] != "specpc"})
     lines = [
-        "# GPU study: SpecPC, SpecKV and sparse prefill on random-weight models",
+        "# GPU study: SpecPC, SpecKV, sparse prefill and engine mode on random-weight models",
         "",
         f"Device: {', '.join(devices)}. Draft {DRAFT_CONFIG}, targets {', '.join(targets)}, built from their real "
         "configs with random weights: speed and memory do not depend on the weight values, and accuracy is not "
         "measured here. Peak extra memory is the most GPU memory allocated during the call "
         "above what the models' weights already held. Each ratio compares rows of one run, model and length.",
     ]
-    baselines = {"specpc": "uncached", "speckv": "full", "sparse": "dense"}
+    baselines = {"specpc": "uncached", "speckv": "full", "sparse": "dense", "engine": "one at a time"}
     columns = {
         "specpc": [("seconds", "s", 2), ("peak_extra_bytes", "peak extra MiB", None)],
         "speckv": [("ttft_s", "TTFT s", 2), ("tokens_per_s", "decode tok/s", 1),
                    ("peak_extra_bytes", "peak extra MiB", None), ("peak_kv_bytes", "peak KV MiB", None)],
         "sparse": [("ttft_s", "TTFT s", 3), ("first_call_s", "first call s", 2),
                    ("peak_extra_bytes", "peak extra MiB", None)],
+        "engine": [("requests", "requests", 0), ("seconds", "s", 2), ("tokens_per_s", "tok/s", 1),
+                   ("mean_batch_size", "mean batch", 1), ("peak_extra_bytes", "peak extra MiB", None)],
     }
-    ratio_field = {"specpc": "seconds", "speckv": "ttft_s", "sparse": "ttft_s"}
+    ratio_field = {"specpc": "seconds", "speckv": "ttft_s", "sparse": "ttft_s", "engine": "tokens_per_s"}
     for measure, cells in columns.items():
         group = [r for r in rows if r["measure"] == measure]
         if not group:
             continue
         header = ["model", "length", "prompt tokens", "config", *(name for _, name, _ in cells),
-                  f"{ratio_field[measure].replace('_s', '')} / {baselines[measure]}"]
+                  f"{_ratio_name(ratio_field[measure])} / {baselines[measure]}"]
         if measure == "speckv":
             header.append("peak extra / full")
         lines += ["", f"## {measure}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -252,15 +306,19 @@ def summarize(rows: list[Row]) -> str:
             if measure == "speckv":
                 line.append(_ratio(row, base, "peak_extra_bytes"))
             lines.append("| " + " | ".join(line) + " |")
-    lines += ["", "Engine mode (1 / 4 / 16 concurrent requests against one at a time): not measured yet."]
     return "\n".join(lines) + "\n"
+
+
+def _ratio_name(field: str) -> str:
+    """A ratio column's name for the field it divides: ``ttft``, ``seconds``, ``tok/s``."""
+    return "tok/s" if field == "tokens_per_s" else field.replace("_s", "")
 
 
 def _baseline(row: Row) -> str:
     """The config a row is compared with: no cache, dense prefill, or the full cache with the same attention."""
     if row["measure"] == "speckv":
         return "full, " + row["config"].rsplit(", ", 1)[-1]
-    return "uncached" if row["measure"] == "specpc" else "dense"
+    return {"specpc": "uncached", "engine": "one at a time"}.get(row["measure"], "dense")
 
 
 def _cell(value: Any, digits: int | None) -> str:
@@ -284,8 +342,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="default: bf16 where the GPU has it, else fp16; fp32 on a CPU")
     parser.add_argument("--targets", nargs="+", default=list(TARGET_CONFIGS), choices=TARGET_CONFIGS)
     parser.add_argument("--lengths", nargs="+", type=int, default=None, help="prompt tokens (8192 16384 32000)")
-    parser.add_argument("--measures", nargs="+", default=["specpc", "speckv", "sparse"],
-                        choices=["specpc", "speckv", "sparse"])
+    parser.add_argument("--measures", nargs="+", default=["specpc", "speckv", "sparse", "engine"],
+                        choices=["specpc", "speckv", "sparse", "engine"])
     parser.add_argument("--budget", type=int, default=None, help="SpecPC budget in tokens (1024)")
     parser.add_argument("--kv-budget", type=int, default=None, help="SpecKV budget per KV head (2048)")
     parser.add_argument("--lookahead", type=int, default=None, help="SpecKV draft answer tokens (32)")
@@ -362,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
             if "sparse" in args.measures and not log.has(device=label, measure="sparse", model=name, length=length,
                                                          config="dense"):
                 add(sparse_rows(target, prompt_ids[length], args), length)
-            add(engine_rows(target, draft, prompt, args), length)
+            done = f"{max(ENGINE_CONCURRENCY)} concurrent"
+            if "engine" in args.measures and length == min(args.lengths) and not log.has(
+                    device=label, measure="engine", model=name, length=length, config=done):
+                add(engine_rows(target, draft, prompt, args), length)
         del target
         gc.collect()
         if torch.cuda.is_available():

@@ -50,13 +50,24 @@ def test_smoke_run_writes_rows_and_the_report(tmp_path):
     for target in gpu_study.TARGET_CONFIGS:
         assert ("speckv", target, "full, sdpa") in measures and ("speckv", target, "speckv @ 64, sdpa") in measures
         assert ("sparse", target, "dense") in measures and ("sparse", target, "sparse 64/64, sdpa") in measures
-    assert len(rows) == 3 + 4 * len(gpu_study.TARGET_CONFIGS)
+    engine_configs = ["one at a time", *(f"{n} concurrent" for n in gpu_study.ENGINE_CONCURRENCY)]
+    for target in gpu_study.TARGET_CONFIGS:
+        engine = [row for row in rows if row["measure"] == "engine" and row["model"] == target]
+        assert [row["config"] for row in engine] == engine_configs
+        assert [row["requests"] for row in engine] == [gpu_study.ENGINE_BASELINE_REQUESTS,
+                                                       *gpu_study.ENGINE_CONCURRENCY]
+        # Every request generates (up to) 4 tokens; concurrent requests are answered in batches.
+        assert all(0 < row["completion_tokens"] <= 4 * row["requests"] and row["tokens_per_s"] > 0 for row in engine)
+        assert all(1 <= row["mean_batch_size"] <= row["requests"] for row in engine)
+        assert engine[-1]["mean_batch_size"] > 1
+    assert len(rows) == 3 + 8 * len(gpu_study.TARGET_CONFIGS)
     assert all(row["length"] == 512 and row["prompt_tokens"] > 400 for row in rows)
     assert {row["device"] for row in rows} == {hardware_label("cpu")}
     speckv = [row for row in rows if row["config"] == "speckv @ 64, sdpa"]
     assert all(row["kv_entries_kept"] == 64 and row["ttft_s"] > 0 for row in speckv)
     report = (tmp_path / gpu_study.SUMMARY_FILE).read_text()
-    assert rows[0]["device"] in report and "accuracy is not measured" in report and "not measured yet" in report
+    assert rows[0]["device"] in report and "accuracy is not measured" in report and "not measured yet" not in report
+    assert "## engine" in report and "tok/s / one at a time" in report
     # A rerun finds every row done and only rewrites the report.
     assert gpu_study.main(["--smoke", "--out", str(tmp_path)]) == 0
     assert len((tmp_path / gpu_study.RESULTS_FILE).read_text().splitlines()) == len(rows)

@@ -124,6 +124,58 @@ def test_a_batch_cannot_be_streamed(tiny_qwen):
         engine.stream([QUESTION, QUESTION])
 
 
+def drain(run):
+    """The pieces of each prompt of a ``run_prepared`` run, and its results."""
+    pieces: dict[int, list[str]] = {}
+    while True:
+        try:
+            index, piece = next(run)
+        except StopIteration as done:
+            return pieces, done.value
+        pieces.setdefault(index, []).append(piece)
+
+
+def test_prepared_prompts_decode_together_each_with_its_own_settings(tiny_pair):
+    """A server's batch: prompts prepared one by one with their own decoding settings, answered together."""
+    draft, target = tiny_pair
+    engine = SpecKV(target=target, draft=draft, budget=40, window_size=8, lookahead_tokens=6)
+    knobs = [{"max_new_tokens": 5}, {"max_new_tokens": 12, "temperature": 1.2, "top_p": 0.9, "seed": 3},
+             {"max_new_tokens": 20, "stop": "the"}, {"max_new_tokens": 9, "seed": 1}]
+    singles = [engine.generate(prompt, **settings) for prompt, settings in zip(PROMPTS, knobs)]
+    assert len({r.completion_tokens for r in singles}) > 2
+    prepared = [engine.prepare(prompt, **settings, name=f"request {i}")
+                for i, (prompt, settings) in enumerate(zip(PROMPTS, knobs))]
+    assert [p.prompt_tokens for p in prepared] == [r.prompt_tokens for r in singles]
+    pieces, results = drain(engine.run_prepared(prepared))
+    same_results(results, singles)
+    assert ["".join(pieces.get(i, [])) for i in range(len(PROMPTS))] == [r.text for r in singles]
+
+
+def test_a_cancelled_prompt_leaves_its_batch_at_the_next_step(tiny_pair):
+    draft, target = tiny_pair
+    engine = SpecKV(target=target, draft=draft, budget=40, window_size=8)
+    single = engine.generate(PROMPTS[2], max_new_tokens=30)
+    prepared = [engine.prepare(prompt, max_new_tokens=30) for prompt in (LONG_PROMPT, PROMPTS[2])]
+    run = engine.run_prepared(prepared)
+    index, _ = next(run)
+    prepared[index].cancelled = True
+    _, results = drain(run)
+    cancelled, other = results[index], results[1 - index]
+    assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 30
+    assert other.token_ids == single.token_ids and other.text == single.text
+
+
+def test_prepare_checks_before_any_compute(tiny_pair):
+    engine = SpecKV(target=tiny_pair[1], draft=tiny_pair[0], budget=40, window_size=8)
+    with no_forward(*tiny_pair):
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+            engine.prepare(QUESTION, max_new_tokens=0)
+        with pytest.raises(ValueError, match=r"messages\[0\]\['role'\]"):
+            engine.prepare([{"role": "robot", "content": "hi"}], name="messages")
+        with pytest.raises(ValueError, match="at least one prompt"):
+            engine.run_prepared([])
+
+
 def test_batches_and_streams_in_threads_match_sequential_results(tiny_pair):
     draft, target = tiny_pair
     engine = SpecKV(target=target, draft=draft, budget=40, window_size=8)

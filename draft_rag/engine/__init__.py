@@ -27,8 +27,9 @@ The baselines run in the same engine: ``snapkv`` (step 2 without a draft), ``str
 sinks + most recent positions) and ``full`` (no eviction). The user's model is never changed: scoring hooks
 live only during the prefill.
 
-Where each part lives: this module holds the public :class:`SpecKV` (settings, ``generate``, ``stream``
-and the run of one call) and its result types; :mod:`~draft_rag.engine.requests` checks and tokenizes
+Where each part lives: this module holds the public :class:`SpecKV` (settings, ``generate``, ``stream``,
+``prepare`` and ``run_prepared`` for servers that batch prompts as they arrive, and the run of one call) and
+its result types; :mod:`~draft_rag.engine.requests` checks and tokenizes
 each prompt and readies its prefill (the cascade's SpecPC step, the draft's answer, sparse prefill);
 :mod:`~draft_rag.engine.batch` stacks the compressed caches and decodes them together.
 """
@@ -101,6 +102,12 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)
     prompt_compression: CompressionResult | None = None
+
+
+PreparedPrompt = _Request
+"""A prompt checked and tokenized by :meth:`SpecKV.prepare`, with its own decoding settings, for
+:meth:`SpecKV.run_prepared`. ``prompt_tokens`` counts its target tokens; setting ``cancelled`` (from any thread)
+drops it from its batch at the next decode step."""
 
 
 class SpecKV(_Requests):
@@ -323,6 +330,42 @@ class SpecKV(_Requests):
             raise TypeError(msg)
         settings = _Settings.check(max_new_tokens, temperature, top_p, stop, seed)
         return _only_pieces(self._run([self._prepare(prompt, "prompt", settings)]))
+
+    def prepare(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        *,
+        name: str = "prompt",
+    ) -> PreparedPrompt:
+        """Check and tokenize one prompt, with its own decoding settings, for :meth:`run_prepared`.
+
+        :meth:`generate` split in two for a server that gathers prompts arriving at different times into
+        batches: each prompt is prepared when it arrives, so a malformed one is refused on its own (with the
+        errors of :meth:`generate`, the prompt called ``name``) before any model runs; the prompts gathered
+        are then answered together. The arguments are those of :meth:`generate`.
+        """
+        return self._prepare(prompt, name, _Settings.check(max_new_tokens, temperature, top_p, stop, seed))
+
+    def run_prepared(
+        self, prepared: Sequence[PreparedPrompt]
+    ) -> Generator[tuple[int, str], None, list[GenerationResult]]:
+        """Answer prompts from this engine's :meth:`prepare` together, as :meth:`generate` answers a batch.
+
+        Yields ``(index into prepared, text piece)`` as each prompt's text is settled (the pieces of a prompt
+        join to its result's ``text``) and returns the results in the order of ``prepared``. Each prompt decodes
+        with its own settings (length, sampling, stop strings, seed); the eviction settings are the engine's.
+        A prompt whose ``cancelled`` is set leaves the batch at the next decode step, its result's
+        ``finish_reason`` ``"cancelled"``. The generator holds no lock between pieces.
+        """
+        if not prepared:
+            msg = "run_prepared needs at least one prompt from prepare()."
+            raise ValueError(msg)
+        return self._run(list(prepared))
 
     def _run(self, requests: list[_Request]) -> Generator[tuple[int, str], None, list[GenerationResult]]:
         """Answer ``requests`` together; yield ``(index, text piece)`` as text is settled; return the results."""

@@ -126,13 +126,15 @@ class _Decoding:
         if len(self.tokens) == 1:
             self.first_token_at = time.perf_counter()
         pieces = []
-        if token in stop_ids:
+        if self.request.cancelled:  # nobody reads the answer: the prompt leaves the batch at this step
+            self.finish = "cancelled"
+        elif token in stop_ids:
             self.finish = "stop"
         else:
             pieces.append(self.text.push(token))
             if self.text.stopped:
                 self.finish = "stop"
-        if self.finish == "stop" or len(self.tokens) == self.request.settings.max_new_tokens:
+        if self.finish != "length" or len(self.tokens) == self.request.settings.max_new_tokens:
             self.done = True
             pieces.append(self.text.flush())
             self.end = time.perf_counter()

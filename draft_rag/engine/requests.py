@@ -61,11 +61,17 @@ class _Request:
     name: str = "prompt"
     drafted: str | None = None  # a draft answer already written (by the cascade's SpecPC pass)
     compression: CompressionResult | None = None
+    cancelled: bool = False  # set from any thread when nobody reads the answer any more
     sampler: Sampler = field(init=False)
 
     def __post_init__(self) -> None:
         # Each prompt samples with its own generator, so a batch samples like one-by-one calls.
         self.sampler = Sampler(self.settings.temperature, self.settings.top_p, self.settings.seed)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's target tokens (0 while the cascade has yet to shorten it)."""
+        return int(self.prompt_ids.shape[1])
 
 
 class _Requests:

@@ -1,9 +1,10 @@
 """The gateway's ASGI app: routes, authentication, and one error shape for every failure.
 
-Routes: ``POST /v1/chat/completions`` (documents compressed, then forwarded; streaming and not),
-``GET /v1/models`` (forwarded), ``GET /health`` (200 once the draft is loaded, 503 before) and
-``GET /metrics`` (Prometheus). Every error is an OpenAI error body; an unexpected failure is a 500 whose body
-says no more than that (the traceback goes to the gateway's log).
+Routes: ``POST /v1/chat/completions`` (documents compressed, then forwarded, or in engine mode answered by the
+server's own target; streaming and not), ``GET /v1/models`` (forwarded, or in engine mode the target),
+``GET /health`` (200 once the models are loaded, 503 before) and ``GET /metrics`` (Prometheus). Every error is
+an OpenAI error body; an unexpected failure is a 500 whose body says no more than that (the traceback goes to
+the gateway's log).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from draft_rag.serve.compression import Compression, CompressionStats
 from draft_rag.serve.documents import RequestDocuments, find_documents, has_gateway_fields, rewrite
+from draft_rag.serve.engine import EngineMode
 from draft_rag.serve.metrics import Metrics
 from draft_rag.serve.protocol import (
+    ENGINE_OPTIONS,
     ChatCompletionRequest,
     DraftRAGOptions,
     ErrorDetail,
@@ -42,6 +45,7 @@ from draft_rag.serve.upstream import RelayResponse, Upstream, response_headers
 
 if TYPE_CHECKING:
     from draft_rag import SpecPC
+    from draft_rag.models import LoadedModel
 
 logger = logging.getLogger("draft_rag.serve")
 
@@ -53,19 +57,26 @@ def create_app(
     *,
     specpc: SpecPC | None = None,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
+    target: LoadedModel | None = None,
 ) -> Starlette:
-    """The gateway for ``settings``, ready for any ASGI server (``uvicorn.run(create_app(settings))``).
+    """The server for ``settings``, ready for any ASGI server (``uvicorn.run(create_app(settings))``): the
+    gateway, or with ``settings.target`` engine mode (:mod:`draft_rag.serve.engine`).
 
-    The draft loads in the background once the app starts; ``/health`` answers 503 until it has.
+    The models load in the background once the app starts; ``/health`` answers 503 until they have.
 
     Args:
-        settings: where to forward, budgets, keys, limits.
+        settings: the mode, where to forward or what to serve, budgets, keys, limits.
         specpc: the compressor to use instead of one built from ``settings`` (whose ``budget``, ``draft``,
             ``dtype``, ``device``, ``target_tokenizer`` and ``cache_dir`` then do not apply): e.g. one sharing a
-            draft already loaded.
+            draft already loaded. In engine mode its draft is SpecKV's too.
         upstream_transport: an httpx transport to reach the upstream through instead of the network.
+        target: engine mode: the loaded target to serve instead of loading ``settings.target`` (which still
+            names it in ``/v1/models`` and the answers).
     """
-    gateway = Gateway(settings, specpc if specpc is not None else build_specpc(settings), upstream_transport)
+    if target is not None and not settings.engine_mode:
+        msg = "target is engine mode's: give the settings a target name (GatewaySettings(target=...))."
+        raise ValueError(msg)
+    gateway = Gateway(settings, specpc if specpc is not None else build_specpc(settings), upstream_transport, target)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -133,14 +144,20 @@ def build_specpc(settings: GatewaySettings) -> SpecPC:
 
 
 class Gateway:
-    """The route handlers and what they share: settings, the compression thread, the upstream client, metrics."""
+    """The route handlers and what they share: settings, the compression thread, the upstream client (or in
+    engine mode the engine), metrics."""
 
     def __init__(
-        self, settings: GatewaySettings, specpc: SpecPC, upstream_transport: httpx.AsyncBaseTransport | None
+        self,
+        settings: GatewaySettings,
+        specpc: SpecPC,
+        upstream_transport: httpx.AsyncBaseTransport | None,
+        target: LoadedModel | None = None,
     ) -> None:
         self.settings = settings
         self.compression = Compression(specpc, settings.queue_size)
         self.metrics = Metrics(lambda: self.compression.pending, self.compression.loaded.is_set)
+        self.engine = EngineMode(settings, self.metrics, target) if settings.engine_mode else None
         self._upstream_transport = upstream_transport
         self._upstream: Upstream | None = None
 
@@ -152,34 +169,65 @@ class Gateway:
         return self._upstream
 
     async def start(self) -> None:
+        if self.engine is not None:
+            # One loading job: the target, then the draft that SpecPC and SpecKV share.
+            self.compression.start_loading(self.engine.load)
+            logger.info("draft-rag engine mode serving %s with %s", self.settings.target, self.settings.method)
+            return
         # The client is made here, on the serving event loop, and closed with it.
         self._upstream = Upstream(self.settings, self._upstream_transport)
         self.compression.start_loading()
         logger.info("draft-rag gateway forwarding to %s", self.settings.upstream)
 
     async def stop(self) -> None:
-        await self.upstream.aclose()
+        if self.engine is not None:
+            self.engine.close()
+        else:
+            await self.upstream.aclose()
         self.compression.close()
 
     async def chat_completions(self, request: Request) -> Response:
         self._authorize(request)
         body = await _read_body(request, self.settings.max_request_bytes)
         data, parsed = parse_request(body)
+        # Engine mode reads the generation fields before any compute; the gateway leaves them to the upstream.
+        generation = None
+        if self.engine is not None:
+            generation = self.engine.check(data, parsed)
+            self._check_loaded()
+        else:
+            _no_engine_options(parsed)
         found = find_documents(data, parsed.documents or ())
         stats: CompressionStats | None = None
-        if found.documents or has_gateway_fields(data):
-            body, stats = await self._rewritten(data, parsed, found)
+        rewritten = bool(found.documents) or has_gateway_fields(data)
+        if rewritten:
+            data, stats = await self._rewritten(data, parsed, found)
         extra = stats.headers() if stats is not None else {}
+        if self.engine is not None and generation is not None:
+            return await self.engine.answer(generation, data["messages"], stats, extra)
+        if rewritten:
+            # Compact separators; non-ASCII text stays UTF-8 as the client sent it.
+            body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
         headers = self.upstream.headers(request.headers)
         if parsed.stream:
             return await self._relay(headers, body, extra)
         return self._answer(await self._send("POST", "/chat/completions", headers, body), stats, extra)
 
+    def _check_loaded(self) -> None:
+        """503 while engine mode's models load, or when they could not be loaded."""
+        if self.compression.load_error is not None:
+            message = f"The server's models could not be loaded ({self.compression.load_error}); see its log."
+            raise GatewayError(503, message, type="server_error", code="model_unavailable")
+        if not self.compression.loaded.is_set():
+            raise GatewayError(503, "The server is still loading its models; retry shortly.", type="server_error",
+                               code="model_loading", headers={"Retry-After": "5"})
+
     async def _rewritten(
         self, data: dict[str, Any], parsed: ChatCompletionRequest, found: RequestDocuments
-    ) -> tuple[bytes, CompressionStats | None]:
-        """The body for the upstream: documents compressed (unless the request says not to), field documents
-        written into the last user message, the gateway's fields removed; and the compression's figures."""
+    ) -> tuple[dict[str, Any], CompressionStats | None]:
+        """The body for the upstream (or the engine): documents compressed (unless the request says not to),
+        field documents written into the last user message, the gateway's fields removed; and the compression's
+        figures."""
         if parsed.documents and found.question_message is None:
             raise GatewayError(400, "The 'documents' field needs a user message to be written into.",
                                param="messages", code="invalid_value")
@@ -195,8 +243,7 @@ class Gateway:
             logger.info("compressed %d documents: %d -> %d tokens in %.3f s (cache %d hits, %d misses)",
                         len(texts), stats.context_tokens_before, stats.context_tokens_after, stats.compress_s,
                         stats.cache_hits, stats.cache_misses)
-        # Compact separators; non-ASCII text stays UTF-8 as the client sent it.
-        return json.dumps(rewrite(data, found, texts), ensure_ascii=False, separators=(",", ":")).encode(), stats
+        return rewrite(data, found, texts), stats
 
     async def _relay(self, headers: dict[str, str], body: bytes, extra: dict[str, str]) -> Response:
         """A streamed chat completion: relayed as it comes, or the upstream's error answer as a whole."""
@@ -213,6 +260,8 @@ class Gateway:
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)
+        if self.engine is not None:
+            return JSONResponse(self.engine.models())
         return self._answer(await self._send("GET", "/models", self.upstream.headers(request.headers)), None, {})
 
     async def health(self, _: Request) -> Response:
@@ -263,6 +312,16 @@ class Gateway:
         answer["draft_rag"] = stats.as_dict()
         headers["content-type"] = "application/json"
         return Response(json.dumps(answer, ensure_ascii=False).encode(), upstream.status_code, headers)
+
+
+def _no_engine_options(parsed: ChatCompletionRequest) -> None:
+    """400 for a ``draft_rag`` option that only engine mode reads, sent to the gateway."""
+    options = parsed.draft_rag
+    given = [name for name in ENGINE_OPTIONS if options is not None and name in options.model_fields_set]
+    if given:
+        message = (f"'draft_rag.{given[0]}' applies only when the server answers with its own model (engine mode, "
+                   "draft-rag serve --target NAME); this server forwards to an upstream.")
+        raise GatewayError(400, message, param=f"draft_rag.{given[0]}", code="invalid_value")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -80,16 +80,23 @@ class Compression:
         """Compressions waiting or running now."""
         return self._pending
 
-    def start_loading(self) -> Future[None]:
-        """Load the draft in the worker thread (the first job: compressions queue behind it)."""
-        return self._executor.submit(self._load)
+    def start_loading(self, load_first: Callable[[SpecPC], SpecPC] | None = None) -> Future[None]:
+        """Load the draft in the worker thread (the first job: compressions queue behind it).
 
-    def _load(self) -> None:
+        ``load_first`` runs before, in the same job: it loads what else the app serves (engine mode's target)
+        and returns the compressor to use from then on (one that counts budgets in the target's tokens).
+        ``loaded`` is set once both are done; a failure of either is ``load_error``.
+        """
+        return self._executor.submit(self._load, load_first)
+
+    def _load(self, load_first: Callable[[SpecPC], SpecPC] | None) -> None:
         try:
+            if load_first is not None:
+                self.specpc = load_first(self.specpc)
             self.specpc.load()
-        except Exception as error:  # noqa: BLE001 (reported by /health and to each compressing request)
+        except Exception as error:  # noqa: BLE001 (reported by /health and to each request that needs a model)
             self.load_error = f"{type(error).__name__}: {error}"
-            logger.error("the draft model could not be loaded: %s", self.load_error)
+            logger.error("the models could not be loaded: %s", self.load_error)
             return
         self.loaded.set()
         logger.info("draft model loaded: %s", self.specpc.load().dtype_name)

@@ -16,6 +16,9 @@ from draft_rag.serve.compression import CompressionStats
 COMPRESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Seconds: a warm draft cache compresses in tens of milliseconds on a GPU, a cold CPU draft in seconds."""
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+"""Requests per batched engine call in engine mode."""
+
 
 class Metrics:
     """The gateway's counters.
@@ -51,6 +54,27 @@ class Metrics:
         queue.set_function(pending)
         draft = Gauge("draft_rag_draft_loaded", "1 once the draft model is loaded.", registry=self.registry)
         draft.set_function(lambda: float(loaded()))
+
+    def add_engine(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
+        """Register engine mode's metrics: requests waiting for a batch and in the running one (gauges read at
+        each scrape), the size of each batch, and the tokens read and generated."""
+        self.batch_size = Histogram("draft_rag_engine_batch_size", "Requests answered together per engine call.",
+                                    buckets=BATCH_BUCKETS, registry=self.registry)
+        self.prompt_tokens = Counter("draft_rag_engine_prompt_tokens", "Prompt tokens the target read.",
+                                     registry=self.registry)
+        self.completion_tokens = Counter("draft_rag_engine_completion_tokens", "Tokens the target generated.",
+                                         registry=self.registry)
+        queue = Gauge("draft_rag_engine_queue", "Requests waiting for a batch.", registry=self.registry)
+        queue.set_function(waiting)
+        batch = Gauge("draft_rag_engine_running", "Requests in the batch running now.", registry=self.registry)
+        batch.set_function(running)
+
+    def batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def generated(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc(completion_tokens)
 
     def request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

@@ -2,16 +2,18 @@
 
 Only the fields the gateway acts on are typed: ``messages`` (their ``role`` and ``content``), ``stream``,
 ``documents`` and ``draft_rag``. Every other field, of the request and of each message, is kept as sent and
-reaches the upstream untouched. Validation errors name the field in ``param`` (``"messages[1].content"``,
-``"documents[0]"``, ``"draft_rag.budget"``).
+reaches the upstream untouched. Engine mode also reads the generation fields (:class:`GenerationFields`).
+Validation errors name the field in ``param`` (``"messages[1].content"``, ``"documents[0]"``,
+``"draft_rag.budget"``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from draft_rag.serve.documents import FieldDocument
 
@@ -87,13 +89,47 @@ def _check_document(value: Any) -> FieldDocument:
     raise ValueError(msg)
 
 
-def _check_budget(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"must be a positive integer (tokens of document text to keep), got {json.dumps(value)}"
-        raise ValueError(msg)
-    return value
+def _positive_int(what: str) -> Callable[[Any], int | None]:
+    """A check that a value is None or a positive integer; ``what`` says what it counts, in the error."""
+
+    def check(value: Any) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            msg = f"must be a positive integer ({what}), got {json.dumps(value)}"
+            raise ValueError(msg)
+        return value
+
+    return check
+
+
+def _not_supported(value: Any) -> Any:
+    """A field engine mode cannot honour: only its empty or neutral values (null, false, 0, [], {}) pass."""
+    if value in (None, False, [], {}):
+        return value
+    msg = "is not supported in engine mode (the server's own target answers with plain text, one choice)"
+    raise ValueError(msg)
+
+
+def _check_stop(value: Any) -> Any:
+    if value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    msg = f"must be a string or a list of strings, got {json.dumps(value)}"
+    raise ValueError(msg)
+
+
+def _one_choice(value: Any) -> Any:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+        return value
+    msg = f"must be 1: engine mode answers with one choice per request, got {json.dumps(value)}"
+    raise ValueError(msg)
+
+
+def _text_format(value: Any) -> Any:
+    if value is None or value == {"type": "text"}:
+        return value
+    msg = "must be {\"type\": \"text\"} in engine mode (structured output is not supported)"
+    raise ValueError(msg)
 
 
 class Message(BaseModel):
@@ -108,10 +144,18 @@ class DraftRAGOptions(BaseModel):
     """The request's ``draft_rag`` object: per-request SpecPC options."""
 
     model_config = ConfigDict(extra="forbid")
-    budget: Annotated[Any, AfterValidator(_check_budget)] = None
+    budget: Annotated[Any, AfterValidator(_positive_int("tokens of document text to keep"))] = None
     """Tokens of document text to keep for this request (default: the gateway's ``--budget``)."""
     compress: StrictBool = True
     """False: the documents reach the upstream as they are."""
+    kv_budget: Annotated[Any, AfterValidator(_positive_int("prompt KV entries to keep per KV head"))] = None
+    """Engine mode: SpecKV's budget for this request (default: the server's ``--kv-budget``)."""
+    lookahead_tokens: Annotated[Any, AfterValidator(_positive_int("tokens of the draft's answer"))] = None
+    """Engine mode: the SpecKV draft answer's length for this request (default: the server's)."""
+
+
+ENGINE_OPTIONS = ("kv_budget", "lookahead_tokens")
+"""The ``draft_rag`` options that only engine mode reads."""
 
 
 class ChatCompletionRequest(BaseModel):
@@ -123,6 +167,55 @@ class ChatCompletionRequest(BaseModel):
     documents: list[Annotated[Any, AfterValidator(_check_document)]] | None = None
     """Retrieved documents: strings, or ``{"text": ..., "title": ...}`` objects."""
     draft_rag: DraftRAGOptions | None = None
+
+
+class StreamOptions(BaseModel):
+    """The request's ``stream_options``."""
+
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool = False
+    """True: the stream ends with a chunk that carries ``usage`` (and no choices)."""
+
+
+class GenerationFields(BaseModel):
+    """The fields of a chat completion request that engine mode reads to generate, besides ``messages``.
+
+    Values out of range are refused (400) rather than clamped; fields that would change the answer's form and
+    that the engine cannot honour (tools, logprobs, structured output, several choices, penalties) are refused
+    unless empty or neutral. Other fields (``model``, ``user``, ``metadata``...) are accepted and ignored.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    """Most completion tokens; ``max_completion_tokens`` wins over ``max_tokens`` (default: the server's)."""
+    temperature: Annotated[float, Field(ge=0, strict=True, allow_inf_nan=False)] | None = None
+    """0 (the default here, unlike OpenAI's 1: answers are reproducible) is greedy."""
+    top_p: Annotated[float, Field(gt=0, le=1, strict=True, allow_inf_nan=False)] | None = None
+    stop: Annotated[Any, AfterValidator(_check_stop)] = None
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**64)] | None = None
+    n: Annotated[Any, AfterValidator(_one_choice)] = None
+    stream_options: StreamOptions | None = None
+    response_format: Annotated[Any, AfterValidator(_text_format)] = None
+    tools: Annotated[Any, AfterValidator(_not_supported)] = None
+    functions: Annotated[Any, AfterValidator(_not_supported)] = None
+    logprobs: Annotated[Any, AfterValidator(_not_supported)] = None
+    top_logprobs: Annotated[Any, AfterValidator(_not_supported)] = None
+    logit_bias: Annotated[Any, AfterValidator(_not_supported)] = None
+    presence_penalty: Annotated[Any, AfterValidator(_not_supported)] = None
+    frequency_penalty: Annotated[Any, AfterValidator(_not_supported)] = None
+
+
+def parse_generation(data: dict[str, Any]) -> GenerationFields:
+    """The generation fields of a request body already read by :func:`parse_request`.
+
+    Raises:
+        GatewayError: 400 naming the first field that is malformed or not supported.
+    """
+    try:
+        return GenerationFields.model_validate(data)
+    except ValidationError as error:
+        raise _as_gateway_error(error) from None
 
 
 def parse_request(body: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:

@@ -12,13 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 
-import anyio
 import httpx
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from draft_rag.serve.protocol import ErrorDetail, ErrorResponse, GatewayError
 from draft_rag.serve.settings import GatewaySettings
+from draft_rag.serve.streams import WatchedStream
 
 logger = logging.getLogger("draft_rag.serve")
 
@@ -41,6 +39,10 @@ class Upstream:
     """
 
     def __init__(self, settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if settings.upstream is None:
+            msg = "Upstream needs gateway settings (an upstream URL), not engine mode's."
+            raise ValueError(msg)
+        self.url = settings.upstream
         self.settings = settings
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout,
@@ -73,7 +75,7 @@ class Upstream:
         Raises:
             GatewayError: 502 when the upstream cannot be reached or breaks the connection, 504 on a timeout.
         """
-        request = self.client.build_request(method, self.settings.upstream + path, headers=headers, content=body)
+        request = self.client.build_request(method, self.url + path, headers=headers, content=body)
         try:
             return await self.client.send(request, stream=stream)
         except httpx.HTTPError as error:
@@ -100,12 +102,12 @@ def _as_gateway_error(error: httpx.HTTPError, settings: GatewaySettings) -> Gate
     return GatewayError(502, message, type="upstream_error", code="upstream_unreachable")
 
 
-class RelayResponse(StreamingResponse):
+class RelayResponse(WatchedStream):
     """Relays a streamed upstream response as it arrives, and closes it when either side stops.
 
-    The client's disconnect is watched while the upstream is silent too (between tokens), so a client that
-    goes away stops the upstream's generation at once. When the upstream breaks off mid-stream, the client
-    receives ``data: {"error": {...}}`` and the stream ends without ``[DONE]``.
+    A client that goes away stops the upstream's generation at once (see :class:`WatchedStream`). When the
+    upstream breaks off mid-stream, the client receives ``data: {"error": {...}}`` and the stream ends without
+    ``[DONE]``.
 
     Args:
         upstream: the upstream's response, opened with ``stream=True``.
@@ -129,21 +131,6 @@ class RelayResponse(StreamingResponse):
                                  type="upstream_error", code="upstream_stream_cut")
             yield f"data: {ErrorResponse(error=detail).model_dump_json()}\n\n".encode()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as group:
-
-                async def relay() -> None:
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # the client went away while a chunk was sent
-                        pass
-                    group.cancel_scope.cancel()
-
-                group.start_soon(relay)
-                await self.listen_for_disconnect(receive)
-                group.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.upstream.aclose()
+    async def closed(self) -> None:
+        await self.upstream.aclose()
 

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from draft_rag.cli import main
+from draft_rag.commands import serve as serve_command
 from draft_rag.serve.launch import free_port, wait_until_ready
 from draft_rag.serve.settings import SETTINGS_ENV, GatewaySettings
 from tests.integrations.test_compression_adapters import QUERY, TEXTS
@@ -32,6 +33,22 @@ REPO = Path(__file__).resolve().parents[2]
     (["--upstream", "http://x/v1", "--read-timeout", "0"], "read_timeout must be a positive number"),
     (["--upstream", "http://x/v1", "--connect-timeout", "nan"], "connect_timeout must be a positive number"),
     (["--upstream", "http://x/v1", "--max-request-bytes", "-1"], "max_request_bytes must be >= 1"),
+    ([], "give exactly one of upstream (--upstream URL"),
+    (["--upstream", "http://x/v1", "--target", "t"], "engine mode), not both"),
+    (["--target", "t", "--connect-timeout", "10"], "connect_timeout (--connect-timeout) applies only with an upstream"),
+    (["--target", "t", "--upstream-api-key", "k"], "upstream_api_key (--upstream-api-key) applies only with an"),
+    (["--target", "t", "--target-tokenizer", "x"], "target_tokenizer (--target-tokenizer) applies only with an"),
+    (["--upstream", "http://x/v1", "--method", "speckv"], "method (--method) applies only with the server's own model"),
+    (["--upstream", "http://x/v1", "--kv-budget", "9"], "kv_budget (--kv-budget) applies only with the server's own"),
+    (["--upstream", "http://x/v1", "--max-batch-size", "4"], "max_batch_size (--max-batch-size) applies only with"),
+    (["--target", "t", "--workers", "2"], "workers must be 1 in engine mode"),
+    (["--target", "t", "--method", "nope"], "unknown method 'nope'"),
+    (["--target", "t", "--kv-budget", "16"], "window_size must be smaller than budget (16)"),
+    (["--target", "t", "--kv-budget", "0"], "kv_budget must be >= 1"),
+    (["--target", "t", "--max-batch-size", "0"], "max_batch_size must be >= 1"),
+    (["--target", "t", "--max-tokens", "0"], "max_tokens must be >= 1"),
+    (["--target", "t", "--lookahead-tokens", "0"], "lookahead_tokens must be >= 1"),
+    (["--target", " "], "target must be a non-empty string"),
 ])
 def test_bad_options_get_a_clear_error(capsys, monkeypatch, argv, message):
     monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: pytest.fail("the server must not start"))
@@ -60,6 +77,21 @@ def test_options_become_settings(monkeypatch):
         read_timeout=30.0)
     assert (options["host"], options["port"], options["log_level"]) == ("0.0.0.0", 9000, "warning")
     assert options["log_config"]["loggers"]["draft_rag"]["level"] == "WARNING"
+
+
+def test_engine_options_become_settings(monkeypatch):
+    calls = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: calls.append((app, options)))
+    monkeypatch.setattr("draft_rag.serve.app.create_app", lambda settings: settings)
+    # The upstream's key in the environment is the gateway's business: engine mode neither takes nor refuses it.
+    monkeypatch.setenv(serve_command.UPSTREAM_API_KEY_ENV, "upstream-key")
+    assert main(["serve", "--target", "some/model", "--method", "snapkv", "--kv-budget", "128",
+                 "--lookahead-tokens", "16", "--max-batch-size", "8", "--max-tokens", "64", "--draft", "some/draft",
+                 "--device", "cpu", "--port", "9001"]) == 0
+    [(settings, options)] = calls
+    assert settings == GatewaySettings(target="some/model", method="snapkv", kv_budget=128, lookahead_tokens=16,
+                                       max_batch_size=8, max_tokens=64, draft="some/draft", device="cpu", port=9001)
+    assert settings.engine_mode and settings.upstream is None and options["port"] == 9001
 
 
 def test_settings_travel_to_workers_as_json(monkeypatch):

@@ -84,12 +84,13 @@ def build_index(data_dir: Path, chunk_tokens: int) -> VectorStoreIndex:
 
     documents = SimpleDirectoryReader(str(data_dir), required_exts=[".txt"], filename_as_id=True).load_data()
     for document in documents:
-        # The model sees each chunk's file name (as the LangChain example shows its source), not the local
-        # path: a path is noise that costs tokens and leaks the machine's directory layout into the prompt.
-        document.excluded_llm_metadata_keys = [
-            key for key in document.metadata if key != "file_name"
-        ]
-    digest = hashlib.sha256(f"{chunk_tokens}:file_name-only".encode())
+        # The model and the embeddings see each chunk's file name (as the LangChain example shows its source),
+        # not the local path, size or dates: those are noise that costs tokens, leaks the machine's directory
+        # layout into the prompt, and would make retrieval depend on where and when the books were checked out.
+        hidden = [key for key in document.metadata if key != "file_name"]
+        document.excluded_llm_metadata_keys = hidden
+        document.excluded_embed_metadata_keys = hidden
+    digest = hashlib.sha256(f"{chunk_tokens}:file_name-only:embed-file_name-only".encode())
     for document in documents:
         digest.update(document.text.encode())
     persist_dir = cache_dir() / "examples" / f"llama-index-{digest.hexdigest()[:16]}"

@@ -1,4 +1,4 @@
-"""Both example apps answer their default questions right, with and without compression."""
+"""Both example apps answer every default question right, with and without compression."""
 
 from __future__ import annotations
 
@@ -15,10 +15,6 @@ EXPECTED = (
     ("quantities", "similar names", "wrong addresses", "prolong", "misfile", "carbon cop", "one too few",
      "duplicate files", "multiply paper"),
 )
-# With all ten retrieved chunks, the packaged 1.5B target answers the LlamaIndex example's first question from a
-# neighbouring passage of the manual (that a saboteur gets discouraged unless he feels part of a large group);
-# compressed to 512 tokens it answers it right. A miss of the target on the full context, kept visible here.
-TARGET_MISSES = {("llama_index", False, 0)}
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +34,11 @@ def examples():
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("compress", [True, False], ids=["compressed", "full-context"])
 @pytest.mark.parametrize("framework", ["langchain", "llama_index"])
-def test_example_answers_its_default_questions(examples, framework, compress):
+def test_example_answers_every_default_question(examples, framework, compress):
     example = examples[framework]
     assert len(example.QUESTIONS) == len(EXPECTED)
     answers = example.main([] if compress else ["--no-compress"])
     assert len(answers) == len(EXPECTED)
-    wrong = [(index, question, answer)
-             for index, (question, answer, expected) in enumerate(zip(example.QUESTIONS, answers, EXPECTED))
+    wrong = [(question, answer) for question, answer, expected in zip(example.QUESTIONS, answers, EXPECTED)
              if not any(phrase in answer.lower() for phrase in expected)]
-    known = {index for fw, compressed, index in TARGET_MISSES if (fw, compressed) == (framework, compress)}
-    assert [w for w in wrong if w[0] not in known] == [], answers
+    assert wrong == []

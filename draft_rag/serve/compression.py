@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from draft_rag.serve.protocol import GatewayError
 
@@ -27,8 +27,23 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("draft_rag.serve")
 
+K = TypeVar("K")
+V = TypeVar("V")
+
 BUDGETS_KEPT = 8
 """Per-request budgets other than the default whose compressors are kept (they share the loaded draft)."""
+
+
+def kept_recent(store: OrderedDict[K, V], key: K, limit: int, make: Callable[[], V]) -> V:
+    """``store[key]``, made by ``make()`` if missing, as the most recent of the ``limit`` entries ``store`` keeps
+    (the least recently used one is dropped). The caller holds whatever lock guards ``store``."""
+    value = store.pop(key, None)
+    if value is None:
+        value = make()
+    store[key] = value
+    while len(store) > limit:
+        store.popitem(last=False)
+    return value
 
 
 @dataclass(frozen=True)
@@ -152,13 +167,8 @@ class Compression:
         """The compressor for ``budget``: the default one, or a copy sharing its loaded draft and cache."""
         if budget is None or budget == self.specpc.budget:
             return self.specpc
-        compressor = self._by_budget.pop(budget, None)
-        if compressor is None:
-            compressor = dataclasses.replace(self.specpc, budget=budget, draft=self.specpc.load())
-        self._by_budget[budget] = compressor
-        while len(self._by_budget) > BUDGETS_KEPT:
-            self._by_budget.popitem(last=False)
-        return compressor
+        return kept_recent(self._by_budget, budget, BUDGETS_KEPT,
+                           lambda: dataclasses.replace(self.specpc, budget=budget, draft=self.specpc.load()))
 
     def close(self) -> None:
         """Stop the worker thread: queued compressions are cancelled, a running one finishes on its own."""

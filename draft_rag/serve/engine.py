@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 from starlette.responses import JSONResponse, Response
 
-from draft_rag.serve.compression import CompressionStats
+from draft_rag.serve.compression import CompressionStats, kept_recent
 from draft_rag.serve.metrics import Metrics
 from draft_rag.serve.protocol import (
     ChatCompletionRequest,
@@ -304,15 +304,11 @@ class EngineMode:
         if self.target is None or self.draft is None:
             msg = "engine mode has not loaded its models yet."
             raise RuntimeError(msg)
+        target, draft = self.target, self.draft
         with self._lock:
-            engine = self._engines.pop(kv, None)
-            if engine is None:
-                engine = SpecKV(target=self.target, draft=self.draft, method=self.settings.method, budget=kv.budget,
-                                lookahead_tokens=kv.lookahead_tokens)
-            self._engines[kv] = engine
-            while len(self._engines) > ENGINES_KEPT:
-                self._engines.popitem(last=False)
-        return engine
+            return kept_recent(self._engines, kv, ENGINES_KEPT, lambda: SpecKV(
+                target=target, draft=draft, method=self.settings.method, budget=kv.budget,
+                lookahead_tokens=kv.lookahead_tokens))
 
     def models(self) -> dict[str, Any]:
         """The ``GET /v1/models`` answer: the target."""

@@ -13,7 +13,7 @@ How tokens are picked, one module of this package per step:
    plus ``lookahead_tokens - 1`` greedy draft tokens. Scores are reduced over heads and observers, then
    ``max`` over layers ``>= starting_layer_index``. With a ``cache`` (:mod:`draft_rag.draft_cache`), the
    documents' cached K/V stand in for the prefill before the window.
-3. ``selection``: scores are max/avg-pooled over positions; ``select_tokens`` walks document tokens by
+3. ``selection``: scores are max/avg-pooled over positions; ``selection_order`` walks document tokens by
    descending score and adds each one's centred neighbourhood of ``neighbor_tokens`` until the budget is full.
 4. ``text`` (from ``SpecPC._rebuild`` here): kept tokens become character spans, widened a little to word
    edges (``snap_spans``), joined by an elision marker. The result is re-counted with the target tokenizer

@@ -35,31 +35,18 @@ def pool_context(
     return context_scores, segments
 
 
-def select_tokens(
-    scores: torch.Tensor, budget: int, neighbor_tokens: int, segments: list[tuple[int, int]] | None = None
-) -> torch.Tensor:
-    """Indices (sorted) of at most ``budget`` positions: top scores, each with its centred neighbourhood.
-
-    Positions are visited by descending score (ties: earlier first); each visit adds the not-yet-kept
-    positions of ``[p - neighbor_tokens // 2, p - neighbor_tokens // 2 + neighbor_tokens)``, nearest to
-    ``p`` first, until ``budget`` positions are kept. With ``segments`` (``(start, end)`` ranges that
-    tile the positions, e.g. documents), a neighbourhood is clipped to the segment holding ``p``.
-    The selection for ``budget`` is the first ``budget`` positions of :func:`selection_order`.
-    """
-    import torch
-
-    kept = selection_order(scores, budget, neighbor_tokens, segments)[: max(budget, 0)]
-    return torch.tensor(sorted(kept), dtype=torch.long)
-
-
 def selection_order(
     scores: torch.Tensor, limit: int, neighbor_tokens: int, segments: list[tuple[int, int]] | None = None
 ) -> list[int]:
-    """The first ``limit`` positions in the order :func:`select_tokens` keeps them.
+    """The first ``limit`` positions in the order the selection keeps them: top scores, each with its centred
+    neighbourhood; sorted, the first ``budget`` of them are the selection for ``budget``.
 
-    Keeping only adds positions as the budget grows (each visit's fresh positions, nearest to its centre
-    first, ties to the earlier one), so every budget's selection is a prefix of this one order: budgets
-    tried one after another cost one walk. Plain Python over the scores' list: faster than small tensor
+    Positions are visited by descending score (ties: earlier first); each visit adds the not-yet-kept
+    positions of ``[p - neighbor_tokens // 2, p - neighbor_tokens // 2 + neighbor_tokens)``, nearest to
+    ``p`` first (ties: the earlier one). With ``segments`` (``(start, end)`` ranges that tile the positions,
+    e.g. documents), a neighbourhood is clipped to the segment holding ``p``. Keeping only adds positions as
+    the budget grows, so every budget's selection is a prefix of this one order: budgets tried one after
+    another cost one walk. Plain Python over the scores' list: faster than small tensor
     operations per position.
     """
     import torch

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
+from draft_rag.serve.settings import OBSERVE_FROM, GatewaySettings
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RESULTS_FILE = "gateway.jsonl"
@@ -121,15 +122,14 @@ def gateway(args: argparse.Namespace, upstream: str, cache_dir: Path) -> Iterato
     """The gateway on loopback in this process (the client only waits on it); yields its ``/v1`` URL and SpecPC."""
     from draft_rag import DraftCache, SpecPC
     from draft_rag.serve.app import build_specpc, create_app, serve_in_thread
-    from draft_rag.serve.settings import GatewaySettings
 
-    settings = GatewaySettings(upstream=upstream, budget=args.budget, draft=args.draft, dtype=args.dtype,
-                               cache_dir=str(cache_dir))
+    settings = GatewaySettings(upstream=upstream, budget=args.budget, observe_from=args.observe_from,
+                               draft=args.draft, dtype=args.dtype, cache_dir=str(cache_dir))
     if args.smoke:
         from draft_rag.bench.tiny import tiny_model
 
-        specpc = SpecPC(draft=tiny_model(max_position_embeddings=8192), budget=args.budget, progress=False,
-                        cache=DraftCache(directory=cache_dir))
+        specpc = SpecPC(draft=tiny_model(max_position_embeddings=8192), budget=args.budget,
+                        observe_from=args.observe_from, progress=False, cache=DraftCache(directory=cache_dir))
     else:
         specpc = build_specpc(settings)
     specpc.load()  # before the app starts, so that its own load finds the draft ready
@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{DEFAULT_TARGET} GGUF)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads (all cores)")
     parser.add_argument("--budget", type=int, default=512, help="the gateway's budget (512, as the example's)")
+    parser.add_argument("--observe-from", default=GatewaySettings.observe_from, choices=OBSERVE_FROM,
+                        help=f"the gateway's --observe-from ({GatewaySettings.observe_from}, its default)")
     parser.add_argument("--draft", default=DEFAULT_DRAFT)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--top-k", type=int, default=8)
@@ -268,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         setup = {"upstream": "stub (smoke)" if args.smoke else args.upstream or f"llama.cpp, {DEFAULT_TARGET} GGUF, "
                  f"{args.threads} threads", "draft": "tiny (smoke)" if args.smoke else args.draft,
                  "draft dtype": draft.dtype_name, "hardware": hardware_label(str(draft.device)), "budget": args.budget,
-                 "top k": args.top_k, "chunk chars": args.chunk_chars, "max tokens": args.max_tokens}
+                 "observe from": args.observe_from, "top k": args.top_k, "chunk chars": args.chunk_chars,
+                 "max tokens": args.max_tokens}
     with open(args.out / RESULTS_FILE, "w", encoding="utf-8") as sink:
         sink.writelines(json.dumps({**row, "setup": setup}) + "\n" for row in rows)
     table = summarize(rows, setup)

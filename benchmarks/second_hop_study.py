@@ -7,11 +7,15 @@ budget, in one process:
 - ``specpc``: the library's defaults, the reference;
 - ``lookahead 16`` / ``lookahead 32``: the draft also generates 15 / 31 greedy tokens (its answer, read from the
   whole context) whose queries observe too (:attr:`draft_rag.SpecPC.lookahead_tokens`);
+- ``question observers``: only the question's tokens and the template's tail observe, not the last 64 prompt
+  positions (which also hold the last document's tail);
 - ``2-pass, first ...``: :class:`draft_rag.bench.two_pass.TwoPassSpecPC`: select at the budget, let the draft answer
   from that selection, score the full context again with the question plus that answer, and keep the first
   pass's best picks at the given share of the budget filled up by the second pass's (``answer only``: share 0);
 - ``cached, ...``: the same over a :class:`draft_rag.DraftCache` warmed with the sample's documents before the
-  clock starts (the warm time is recorded apart, as ``warm_s``).
+  clock starts (the warm time is recorded apart, as ``warm_s``; one cache serves every cached variant, since an
+  entry does not depend on who observes), among them the smaller observer windows (``question observers``,
+  ``window 32``) that also cost the gateway less per request.
 
 A row records whether the kept text still holds the gold answers (the task's own string match, as in
 ``specpc_tuning``: a fact the compressor drops, no target can answer from), the compression seconds (a draft pass
@@ -71,12 +75,17 @@ VARIANTS: dict[str, Variant] = {
     "specpc": Variant(),
     "lookahead 16": Variant({"lookahead_tokens": 16}),
     "lookahead 32": Variant({"lookahead_tokens": 32}),
+    "question observers": Variant({"observe_from": "question"}),
     "2-pass, first 1/2": Variant(first_share=0.5),
     "2-pass, first 3/4": Variant(first_share=0.75),
     "2-pass, first 1/4": Variant(first_share=0.25),
     "2-pass, answer only": Variant(first_share=0.0),
     "cached": Variant(cache=True),
+    "cached, question observers": Variant({"observe_from": "question"}, cache=True),
+    "cached, window 32": Variant({"window_size": 32}, cache=True),
     "cached, lookahead 32": Variant({"lookahead_tokens": 32}, cache=True),
+    "cached, question observers, lookahead 32": Variant({"observe_from": "question", "lookahead_tokens": 32},
+                                                         cache=True),
     "cached, 2-pass, first 1/2": Variant(cache=True, first_share=0.5),
 }
 
@@ -92,39 +101,40 @@ class Readers:
         from draft_rag import DraftCache, SpecPC
         from draft_rag.bench.two_pass import TwoPassSpecPC
 
+        self.cache = DraftCache()  # shared: an entry does not depend on how the window observes
         self.specpcs: dict[str, SpecPC] = {}
         self.two_passes: dict[str, TwoPassSpecPC] = {}
         for name in variants:
             variant = VARIANTS[name]
             key = variant.reader()
             if key not in self.specpcs:
-                self.specpcs[key] = SpecPC(draft=draft, progress=False, cache=DraftCache() if variant.cache else None,
+                self.specpcs[key] = SpecPC(draft=draft, progress=False, cache=self.cache if variant.cache else None,
                                            **{**extra, **variant.settings})
             if variant.first_share is not None and key not in self.two_passes:
                 self.two_passes[key] = TwoPassSpecPC(self.specpcs[key], draft.tokenizer, answer_tokens=answer_tokens)
         self._sample: Sample | None = None
         self._contexts: dict[str, Any] = {}
-        self._warm: dict[str, float] = {}
+        self._warm_s: float | None = None
 
     def compress(self, sample: Sample, name: str, budget: int) -> tuple[Any, float]:
         """``sample`` compressed by variant ``name`` at ``budget``, and the seconds its draft cache took to warm."""
         if sample is not self._sample:
-            self._sample, self._contexts, self._warm = sample, {}, {}
+            self._sample, self._contexts, self._warm_s = sample, {}, None
         variant = VARIANTS[name]
         key = variant.reader()
         specpc = self.specpcs[key]
+        if variant.cache and self._warm_s is None:
+            self.cache.clear()  # one sample's documents at a time, each sample's warm time its own
+            started = time.perf_counter()
+            specpc.warm(sample.documents)
+            self._warm_s = time.perf_counter() - started
         if key not in self._contexts:
-            if specpc.cache is not None:
-                specpc.cache.clear()  # one sample's documents at a time, each sample's warm time its own
-                started = time.perf_counter()
-                specpc.warm(sample.documents)
-                self._warm[key] = time.perf_counter() - started
             self._contexts[key] = specpc.score(sample.question, sample.documents)
         context = self._contexts[key]
+        warm_s = (self._warm_s or 0.0) if variant.cache else 0.0
         if variant.first_share is None:
-            return specpc.select(context, budget), self._warm.get(key, 0.0)
-        result = self.two_passes[key].select(context, budget, first_share=variant.first_share)
-        return result, self._warm.get(key, 0.0)
+            return specpc.select(context, budget), warm_s
+        return self.two_passes[key].select(context, budget, first_share=variant.first_share), warm_s
 
 
 def summarize(rows: list[dict[str, Any]]) -> str:

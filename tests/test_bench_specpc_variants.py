@@ -95,6 +95,22 @@ def test_specpc_lookahead_reads_with_the_draft_answer_and_alone(tiny_pair, draft
     assert draft_calls
 
 
+@pytest.mark.parametrize(("name", "reference"), [("specpc-question", "specpc"),
+                                               ("specpc-cached-question", "specpc-cached")])
+def test_specpc_question_observes_from_the_question_and_reads_alone(tiny_pair, draft_calls, name, reference):
+    methods = _methods(tiny_pair, reference, name)
+    assert methods[name].settings["observe_from"] == "question"
+    assert methods[reference].settings["observe_from"] == "window"
+    assert {k: v for k, v in methods[name].settings.items() if k != "observe_from"} == {
+        k: v for k, v in methods[reference].settings.items() if k != "observe_from"}
+    assert (methods[name].warm is None) == (reference == "specpc")
+    sample = _sample(tiny_pair[1])
+    methods[reference].run(sample, 64)
+    draft_calls.clear()
+    assert methods[name].run(sample, 64).context_tokens <= 64
+    assert draft_calls  # its own draft pass: other observers, other scores
+
+
 def _two_pass(tiny_pair, answer="", **kwargs):
     from draft_rag import SpecPC
     from draft_rag.bench.two_pass import TwoPassSpecPC

@@ -77,6 +77,42 @@ def test_snapping_stops_at_scripts_without_spaces_and_far_word_edges():
     assert snap_spans("ที่นี่", [(0, 1)]) == [(0, 3)]  # combining marks stay with their base letter
 
 
+def _snap_each_token(source, token_spans, reach=16):
+    """The plain rule, token by token: widen each token to its word edges within ``reach``, trim whitespace,
+    merge spans that touch, overlap or are separated only by whitespace."""
+    from draft_rag.specpc.text import _word_end, _word_start
+
+    snapped = []
+    for token_start, token_end in sorted(token_spans):
+        start, end = _word_start(source, token_start, reach), _word_end(source, token_end, reach)
+        start += len(source[start:end]) - len(source[start:end].lstrip())
+        end -= len(source[start:end]) - len(source[start:end].rstrip())
+        if start == end:
+            continue
+        if snapped and not source[snapped[-1][1] : start].strip():
+            snapped[-1] = (snapped[-1][0], max(end, snapped[-1][1]))
+        else:
+            snapped.append((start, end))
+    return snapped
+
+
+def test_snapping_runs_of_tokens_equals_snapping_each_token():
+    """snap_spans snaps each run of touching tokens once; the spans are those of snapping every token."""
+    import random
+
+    rng = random.Random(3)
+    pieces = ["alpha", "beta", "internationalization", "x", " ", "  ", "\n", "\t", "中文", "ที่", "é", "e\u0301",
+              "https://example.com/" + "ab" * 12, ".", ",", "四八一五"]
+    for _ in range(3000):
+        source = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        cuts = sorted({0, len(source), *rng.sample(range(len(source) + 1), min(len(source), rng.randint(0, 25)))})
+        tokens = list(zip(cuts, cuts[1:]))
+        kept = [t for t in tokens if rng.random() < 0.5]
+        kept += [(s, s) for s in rng.sample(cuts, min(2, len(cuts)))] if rng.random() < 0.1 else []
+        for reach in (0, 2, 16):
+            assert snap_spans(source, kept, reach) == _snap_each_token(source, kept, reach), (source, kept, reach)
+
+
 def test_snapping_and_joining_run_without_torch():
     """The text step is pure Python: it imports and gives the same spans and text with torch unavailable."""
     cases = [(ENGLISH, [(5, 7), (40, 42), (90, 91)]), (CHINESE, [(5, 6), (6, 8), (30, 33)]), ("ที่นี่ abc", [(0, 1)]),
@@ -180,3 +216,13 @@ def test_fit_to_budget_keeps_the_largest_selection_that_fits(tokens_for, largest
     documents = fit_to_budget(build, 64)
     assert documents[0].text == "x" * largest
     assert calls[0] == 64 and len(calls) <= 9
+
+
+def test_fit_to_budget_needs_few_rebuilds_when_the_overhead_is_steady():
+    build, calls = _fake_build(lambda n: n + 5 if n else 0)
+    assert fit_to_budget(build, 512)[0].text == "x" * 507
+    assert len(calls) <= 4, calls
+    build, calls = _fake_build(lambda n: n + n // 10)  # overhead in proportion: markers between many spans
+    largest = max(n for n in range(1025) if n + n // 10 <= 1024)
+    assert fit_to_budget(build, 1024)[0].text == "x" * largest
+    assert len(calls) <= 5, calls

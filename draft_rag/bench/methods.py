@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from draft_rag.models import LoadedModel
 
 PROMPT_METHODS = (
-    "full", "specpc", "specpc-cached", "specpc-2pass", "specpc-lookahead", "specpc-paper", "snapkv-pc", "truncate",
-    "embedding", "llmlingua",
+    "full", "specpc", "specpc-cached", "specpc-2pass", "specpc-lookahead", "specpc-question",
+    "specpc-cached-question", "specpc-paper", "snapkv-pc", "truncate", "embedding", "llmlingua",
 )
 KV_METHODS = ("speckv", "snapkv", "streamingllm")
 METHODS = PROMPT_METHODS + KV_METHODS
@@ -57,6 +57,12 @@ SNAPKV_PC_SETTINGS: dict[str, Any] = dict(
 # SpecPC whose draft also generates a short answer (31 greedy tokens) whose queries observe too: the answer can name
 # what the question does not (a two-hop chain's second fact).
 SPECPC_LOOKAHEAD_SETTINGS: dict[str, Any] = dict(lookahead_tokens=32)
+
+
+# SpecPC whose observers are the question's own tokens (and the template's tail) instead of the last 64 prompt
+# positions, which also hold the last document's tail, whose queries look mostly at their own document; over a
+# warm draft cache (specpc-cached-question) it is the gateway's default reading.
+SPECPC_QUESTION_SETTINGS: dict[str, Any] = dict(observe_from="question")
 
 
 # SpecPC with the paper's selection, before the refinements adopted on the tuning seed: 64-token max-pooling and
@@ -308,8 +314,9 @@ def _make(
     from draft_rag import DraftCache, SpecPC
 
     variants = {"specpc-paper": SPECPC_PAPER_SETTINGS, "snapkv-pc": SNAPKV_PC_SETTINGS,
-                "specpc-lookahead": SPECPC_LOOKAHEAD_SETTINGS}
-    cache = DraftCache() if name == "specpc-cached" else None
+                "specpc-lookahead": SPECPC_LOOKAHEAD_SETTINGS, "specpc-question": SPECPC_QUESTION_SETTINGS,
+                "specpc-cached-question": SPECPC_QUESTION_SETTINGS}
+    cache = DraftCache() if name.startswith("specpc-cached") else None
     specpc = SpecPC(draft=draft, target_tokenizer=tokenizer, progress=False, cache=cache,
                     **{**specpc_settings, **variants.get(name, {})})
     # Every knob, defaults included, so that rows made before a default changed are not reused after it.

@@ -15,7 +15,14 @@ import os
 from typing import Any
 
 from draft_rag.models import DEFAULT_DRAFT
-from draft_rag.serve.settings import ENGINE_SETTINGS, SETTINGS_ENV, UPSTREAM_SETTINGS, GatewaySettings, check_mode
+from draft_rag.serve.settings import (
+    ENGINE_SETTINGS,
+    OBSERVE_FROM,
+    SETTINGS_ENV,
+    UPSTREAM_SETTINGS,
+    GatewaySettings,
+    check_mode,
+)
 
 API_KEY_ENV = "DRAFT_RAG_API_KEY"
 UPSTREAM_API_KEY_ENV = "DRAFT_RAG_UPSTREAM_API_KEY"
@@ -40,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8100, help="port to listen on (8100)")
     parser.add_argument("--budget", type=int, default=1024,
                         help="tokens of document text kept per request unless it asks otherwise (1024)")
+    parser.add_argument("--observe-from", default="question", choices=OBSERVE_FROM,
+                        help="which draft queries score the documents: the question's own tokens (question) or "
+                             "the last 64 prompt positions, the last document's tail included (window) (question)")
     parser.add_argument("--draft", default=DEFAULT_DRAFT,
                         help=f"SpecPC's (and in engine mode SpecKV's) draft model name, id or path ({DEFAULT_DRAFT})")
     parser.add_argument("--dtype", default=None,
@@ -92,7 +102,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         given["upstream_api_key"] = os.environ[UPSTREAM_API_KEY_ENV]
     settings = GatewaySettings(
         upstream=args.upstream, target=args.target, host=args.host, port=args.port, budget=args.budget,
-        draft=args.draft, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, workers=args.workers,
+        observe_from=args.observe_from, draft=args.draft, dtype=args.dtype, device=args.device,
+        cache_dir=args.cache_dir, workers=args.workers,
         api_key=args.api_key, max_request_bytes=args.max_request_bytes, queue_size=args.queue_size, **given,
     )
     check_mode(settings.engine_mode, given)

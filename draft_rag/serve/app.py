@@ -138,7 +138,8 @@ def build_specpc(settings: GatewaySettings) -> SpecPC:
     from draft_rag import DraftCache, SpecPC
 
     return SpecPC(
-        draft=settings.draft, budget=settings.budget, target_tokenizer=settings.target_tokenizer,
+        draft=settings.draft, budget=settings.budget, observe_from=settings.observe_from,
+        target_tokenizer=settings.target_tokenizer,
         dtype=settings.dtype, device=settings.device, progress=False, cache=DraftCache(directory=settings.cache_dir),
     )
 

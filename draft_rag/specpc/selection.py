@@ -82,18 +82,26 @@ def fit_to_budget(
 
     ``build(n)`` keeps about ``n`` tokens, but its text can count more: elision markers, word snapping and
     a different counting tokenizer all add tokens. ``n = budget`` is tried first (it usually fits), then a
-    binary search between 0 and ``budget`` (so at most about ``log2(budget)`` rebuilds, each
-    re-tokenising only the kept text), assuming that keeping more never yields fewer tokens.
+    search between the largest ``n`` known to fit (0 at first) and the smallest known not to, each try
+    re-tokenising only the kept text. Tries alternate between a guess in proportion (the ``n`` at which the
+    last try's tokens per kept token would meet the budget; usually within a token or two) and the midpoint,
+    so at most about ``2 * log2(budget)`` rebuilds, assuming that keeping more never yields fewer tokens.
     ``build(0)`` must keep nothing.
     """
     fits, too_many = 0, budget + 1
     best: list[CompressedDocument] | None = None
     n = budget
+    guess = True
     while too_many - fits > 1:
         documents = build(n)
-        if sum(d.kept_tokens for d in documents) <= budget:
+        tokens = sum(d.kept_tokens for d in documents)
+        if tokens <= budget:
             fits, best = n, documents
         else:
             too_many = n
-        n = (fits + too_many) // 2
+        if guess and tokens:
+            n = min(max(n * budget // tokens, fits + 1), too_many - 1)
+        else:
+            n = (fits + too_many) // 2
+        guess = not guess
     return best if best is not None else build(0)

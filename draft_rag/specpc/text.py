@@ -35,9 +35,9 @@ def snap_spans(
     separated only by whitespace become one; leading and trailing whitespace is trimmed from each span.
     """
     snapped: list[tuple[int, int]] = []
-    for token_start, token_end in sorted(token_spans):
-        start = _word_start(source, token_start, reach)
-        end = _word_end(source, token_end, reach)
+    for run_start, run_end in _runs(token_spans):
+        start = _word_start(source, run_start, reach)
+        end = _word_end(source, run_end, reach)
         while start < end and source[start].isspace():
             start += 1
         while end > start and source[end - 1].isspace():
@@ -49,6 +49,22 @@ def snap_spans(
         else:
             snapped.append((start, end))
     return snapped
+
+
+def _runs(token_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token spans that touch or overlap, merged into runs.
+
+    Snapping widens only the ends of a run: a token inside it snaps to edges no farther out than the run's own
+    (its word's edge is the same or lies within the run, and is farther away from it), so each kept run is
+    snapped once instead of each of its tokens.
+    """
+    runs: list[tuple[int, int]] = []
+    for start, end in sorted(token_spans):
+        if runs and start <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(end, runs[-1][1]))
+        else:
+            runs.append((start, end))
+    return runs
 
 
 def _in_word(char: str) -> bool:

@@ -67,12 +67,14 @@ def test_options_become_settings(monkeypatch):
     monkeypatch.setattr("uvicorn.run", lambda app, **options: calls.append((app, options)))
     monkeypatch.setattr("draft_rag.serve.app.create_app", lambda settings: settings)
     assert main(["serve", "--upstream", "http://10.0.0.5:8000/v1/", "--host", "0.0.0.0", "--port", "9000",
-                 "--budget", "512", "--draft", "some/draft", "--cache-dir", "/tmp/c", "--target-tokenizer", "some/tok",
+                 "--budget", "512", "--observe-from", "window", "--draft", "some/draft", "--cache-dir", "/tmp/c",
+                 "--target-tokenizer", "some/tok",
                  "--max-request-bytes", "1000", "--queue-size", "3", "--connect-timeout", "2", "--read-timeout", "30",
                  "--log-level", "warning"]) == 0
     [(settings, options)] = calls
     assert settings == GatewaySettings(
-        upstream="http://10.0.0.5:8000/v1", host="0.0.0.0", port=9000, budget=512, draft="some/draft",
+        upstream="http://10.0.0.5:8000/v1", host="0.0.0.0", port=9000, budget=512, observe_from="window",
+        draft="some/draft",
         cache_dir="/tmp/c", target_tokenizer="some/tok", max_request_bytes=1000, queue_size=3, connect_timeout=2.0,
         read_timeout=30.0)
     assert (options["host"], options["port"], options["log_level"]) == ("0.0.0.0", 9000, "warning")
@@ -92,6 +94,20 @@ def test_engine_options_become_settings(monkeypatch):
     assert settings == GatewaySettings(target="some/model", method="snapkv", kv_budget=128, lookahead_tokens=16,
                                        max_batch_size=8, max_tokens=64, draft="some/draft", device="cpu", port=9001)
     assert settings.engine_mode and settings.upstream is None and options["port"] == 9001
+
+
+def test_observe_from_reaches_specpc_and_a_bad_value_names_the_setting(capsys, monkeypatch):
+    from draft_rag.serve.app import build_specpc
+
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: pytest.fail("the server must not start"))
+    with pytest.raises(SystemExit) as refused:
+        main(["serve", "--upstream", "http://x/v1", "--observe-from", "answer"])
+    assert refused.value.code == 2
+    assert "argument --observe-from: invalid choice: 'answer'" in capsys.readouterr().err
+    assert build_specpc(GatewaySettings(upstream="http://x/v1")).observe_from == "question"
+    assert build_specpc(GatewaySettings(upstream="http://x/v1", observe_from="window")).observe_from == "window"
+    with pytest.raises(ValueError, match="observe_from must be one of 'window', 'question', got 'last'"):
+        GatewaySettings(upstream="http://x/v1", observe_from="last")
 
 
 def test_settings_travel_to_workers_as_json(monkeypatch):

@@ -118,6 +118,19 @@ def test_complete_samples_keep_only_samples_every_setting_answered():
     assert complete_samples(ROWS) == (ROWS, 0)
 
 
+def test_a_method_run_on_one_task_leaves_the_other_tasks_complete():
+    from draft_rag.bench.report import complete_samples
+
+    other_task = [{**r, "task": "two_hop"} for r in ROWS if r["length"] == 4096]
+    # A method run on two_hop's samples 0 and 1 only: two_hop's sample 2 is incomplete, qa's samples are not.
+    extra = [{**r, "method": "specpc-question"} for r in other_task if r["method"] == "specpc" and r["sample_id"] < 2]
+    rows = ROWS + other_task + extra
+    kept, left_out = complete_samples(rows)
+    assert left_out == len([r for r in other_task if r["sample_id"] == 2])
+    assert {(r["task"], r["sample_id"]) for r in kept if r["length"] == 4096} == {
+        ("qa", 0), ("qa", 1), ("qa", 2), ("two_hop", 0), ("two_hop", 1)}
+
+
 def _of_run(rows, dtype, machine):
     return [{**row, "dtype": dtype, "machine": machine} for row in rows]
 

@@ -102,12 +102,14 @@ def complete_samples(rows: Sequence[Row]) -> tuple[list[Row], int]:
 
     A run that stopped part-way through a sample has answered it with some methods only; comparing methods
     on different samples would mix the samples' difficulty into the methods' differences. Where rows come from
-    several runs (:func:`run_label`), each sample is held to the methods and budgets of its own run.
+    several runs (:func:`run_label`), each sample is held to the methods and budgets of its own run, and within
+    a run to those of its own task (a method run on one task only leaves the other tasks' samples complete).
     """
-    wanted = {(length, run): {(r["method"], r["budget"]) for r in group}
-              for run, of_run in _runs(rows) for (length,), group in _groups(of_run, "length").items()}
+    wanted = {(length, task, run): {(r["method"], r["budget"]) for r in group}
+              for run, of_run in _runs(rows) for (length, task), group in _groups(of_run, "length", "task").items()}
     complete = {key for key, group in _groups(rows, *SAMPLE_FIELDS).items()
-                if {(r["method"], r["budget"]) for r in group} >= wanted[group[0]["length"], run_label(group[0])]}
+                if {(r["method"], r["budget"]) for r in group}
+                >= wanted[group[0]["length"], group[0]["task"], run_label(group[0])]}
     kept = [row for row in rows if sample_key(row) in complete]
     return kept, len(rows) - len(kept)
 

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from draft_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
-from draft_rag.serve.settings import OBSERVE_FROM, GatewaySettings
+from draft_rag.serve.settings import GatewaySettings
+from draft_rag.specpc import OBSERVE_FROM
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RESULTS_FILE = "gateway.jsonl"

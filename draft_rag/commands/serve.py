@@ -15,14 +15,8 @@ import os
 from typing import Any
 
 from draft_rag.models import DEFAULT_DRAFT
-from draft_rag.serve.settings import (
-    ENGINE_SETTINGS,
-    OBSERVE_FROM,
-    SETTINGS_ENV,
-    UPSTREAM_SETTINGS,
-    GatewaySettings,
-    check_mode,
-)
+from draft_rag.serve.settings import ENGINE_SETTINGS, SETTINGS_ENV, UPSTREAM_SETTINGS, GatewaySettings, check_mode
+from draft_rag.specpc import OBSERVE_FROM
 
 API_KEY_ENV = "DRAFT_RAG_API_KEY"
 UPSTREAM_API_KEY_ENV = "DRAFT_RAG_UPSTREAM_API_KEY"
@@ -47,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8100, help="port to listen on (8100)")
     parser.add_argument("--budget", type=int, default=1024,
                         help="tokens of document text kept per request unless it asks otherwise (1024)")
-    parser.add_argument("--observe-from", default="question", choices=OBSERVE_FROM,
+    parser.add_argument("--observe-from", default=GatewaySettings.observe_from, choices=OBSERVE_FROM,
                         help="which draft queries score the documents: the question's own tokens (question) or "
                              "the last 64 prompt positions, the last document's tail included (window) (question)")
     parser.add_argument("--draft", default=DEFAULT_DRAFT,

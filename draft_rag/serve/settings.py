@@ -13,15 +13,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from draft_rag.models import DEFAULT_DRAFT
+from draft_rag.specpc import OBSERVE_FROM
 
 SETTINGS_ENV = "DRAFT_RAG_SERVE_SETTINGS"
 """Environment variable through which ``--workers N`` hands the settings (as JSON) to each worker process."""
 
 UPSTREAM_SETTINGS = ("upstream_api_key", "target_tokenizer", "connect_timeout", "read_timeout", "max_connections")
 """Settings of gateway mode only: they describe the upstream server."""
-
-OBSERVE_FROM = ("window", "question")
-"""The values of :attr:`GatewaySettings.observe_from` (SpecPC's ``observe_from``)."""
 
 ENGINE_SETTINGS = ("method", "kv_budget", "lookahead_tokens", "max_batch_size", "max_tokens")
 """Settings of engine mode only: they describe the server's own generation."""

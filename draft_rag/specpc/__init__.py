@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from draft_rag.draft_cache import DraftCache
     from draft_rag.scoring import Pool, Reduction
 
+OBSERVE_FROM = ("window", "question")
+"""The values of :attr:`SpecPC.observe_from`: where the observing prompt positions start."""
+
 SELECTION_SETTINGS = frozenset({"budget", "pool", "kernel_size", "neighbor_tokens", "document_boundaries",
                                 "elision_marker"})
 """SpecPC settings that act only after the draft pass: two SpecPCs that differ only in these read a text
@@ -244,7 +247,7 @@ class SpecPC:
             check_int("SpecPC observer_block_size", self.observer_block_size, 1)
             self.observer_block_size = int(self.observer_block_size)
         for name, allowed in (("pool", ("max", "avg")), ("reduction", ("max", "mean")),
-                              ("observer_reduction", ("max", "mean")), ("observe_from", ("window", "question"))):
+                              ("observer_reduction", ("max", "mean")), ("observe_from", OBSERVE_FROM)):
             if getattr(self, name) not in allowed:
                 msg = f"SpecPC {name} must be one of {allowed}, got {getattr(self, name)!r}."
                 raise ValueError(msg)

@@ -111,6 +111,21 @@ def test_specpc_question_observes_from_the_question_and_reads_alone(tiny_pair, d
     assert draft_calls  # its own draft pass: other observers, other scores
 
 
+def test_specpc_cached_question_lookahead_adds_the_draft_answer_to_the_question_observers(tiny_pair, draft_calls):
+    name, reference = "specpc-cached-question-lookahead", "specpc-cached-question"
+    methods = _methods(tiny_pair, reference, name)
+    assert methods[name].settings["lookahead_tokens"] == 32
+    assert methods[name].settings["observe_from"] == "question"
+    assert {k: v for k, v in methods[name].settings.items() if k != "lookahead_tokens"} == {
+        k: v for k, v in methods[reference].settings.items() if k != "lookahead_tokens"}
+    assert methods[name].warm is not None
+    sample = _sample(tiny_pair[1])
+    methods[reference].run(sample, 64)
+    draft_calls.clear()
+    assert methods[name].run(sample, 64).context_tokens <= 64
+    assert draft_calls
+
+
 def _two_pass(tiny_pair, answer="", **kwargs):
     from draft_rag import SpecPC
     from draft_rag.bench.two_pass import TwoPassSpecPC

@@ -122,8 +122,12 @@ def _stub_upstream() -> Any:
 def gateway(args: argparse.Namespace, upstream: str, cache_dir: Path) -> Iterator[tuple[str, Any]]:
     """The gateway on loopback in this process (the client only waits on it); yields its ``/v1`` URL and SpecPC."""
     from draft_rag import DraftCache, SpecPC
+    from draft_rag.serve.allocator import keep_freed_memory
     from draft_rag.serve.app import build_specpc, create_app, serve_in_thread
 
+    args.malloc = "glibc's defaults"
+    if not args.default_malloc and keep_freed_memory():  # as draft-rag serve does
+        args.malloc = "kept for reuse (as draft-rag serve)"
     settings = GatewaySettings(upstream=upstream, budget=args.budget, observe_from=args.observe_from,
                                draft=args.draft, dtype=args.dtype, cache_dir=str(cache_dir))
     if args.smoke:
@@ -244,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-chars", type=int, default=1200)
     parser.add_argument("--max-tokens", type=int, default=64, help="most answer tokens (64, as the example's)")
     parser.add_argument("--rounds", type=int, default=20, help="requests per side and case in part (b)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave malloc as it is instead of keeping freed memory as draft-rag serve does")
     parser.add_argument("--cache-dir", type=Path, default=None, help="the gateway's draft cache (a fresh one)")
     parser.add_argument("--smoke", action="store_true", help="tiny draft and a stub upstream: checks the script")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.threads} threads", "draft": "tiny (smoke)" if args.smoke else args.draft,
                  "draft dtype": draft.dtype_name, "hardware": hardware_label(str(draft.device)), "budget": args.budget,
                  "observe from": args.observe_from, "top k": args.top_k, "chunk chars": args.chunk_chars,
-                 "max tokens": args.max_tokens}
+                 "max tokens": args.max_tokens, "malloc": args.malloc}
     with open(args.out / RESULTS_FILE, "w", encoding="utf-8") as sink:
         sink.writelines(json.dumps({**row, "setup": setup}) + "\n" for row in rows)
     table = summarize(rows, setup)

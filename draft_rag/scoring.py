@@ -337,15 +337,47 @@ def prefill(
     sequences that a layer's window would cut. ``progress`` is called with the number of tokens done after
     each chunk.
     """
+    cache, logits = _run(model, input_ids, cache, chunk_size, progress, logits=True)
+    assert logits is not None, "prefill needs at least one token"
+    return cache, logits
+
+
+def extend_cache(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    cache: Cache | None = None,
+    *,
+    chunk_size: int = 2048,
+    progress: Callable[[int], None] | None = None,
+) -> Cache:
+    """:func:`prefill` without logits, for callers that read only the cache and the hooks' scores: the
+    decoder runs without the language-model head, whose one row of logits costs a read of the whole
+    vocabulary matrix (for a 0.5B draft a quarter of its weights)."""
+    return _run(model, input_ids, cache, chunk_size, progress, logits=False)[0]
+
+
+def _run(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    cache: Cache | None,
+    chunk_size: int,
+    progress: Callable[[int], None] | None,
+    *,
+    logits: bool,
+) -> tuple[Cache, torch.Tensor | None]:
     check_int("chunk_size", chunk_size, 1)
     cache = cache if cache is not None else empty_cache()
-    logits = None
+    decoder = model.get_decoder()
+    # The decoder alone where the model has one apart (every supported causal LM), else the whole model.
+    forward = model if logits or decoder is model else decoder
+    last = None
     with torch.inference_mode():
         for start in range(0, input_ids.shape[1], chunk_size):
             chunk = input_ids[:, start : start + chunk_size]
-            out = model(input_ids=chunk, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-            logits = out.logits[:, -1]
+            keep = {"logits_to_keep": 1} if forward is model else {}
+            out = forward(input_ids=chunk, **cache_kwargs(forward, cache), use_cache=True, **keep)
+            if logits:
+                last = out.logits[:, -1]
             if progress is not None:
                 progress(chunk.shape[1])
-    assert logits is not None, "prefill needs at least one token"
-    return cache, logits
+    return cache, last

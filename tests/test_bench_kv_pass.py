@@ -27,7 +27,7 @@ def _forward_lengths(model):
     def hook(module, args, kwargs):
         lengths.append(kwargs["input_ids"].shape[1])
 
-    return lengths, model.register_forward_pre_hook(hook, with_kwargs=True)
+    return lengths, model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def test_every_method_and_budget_answers_as_it_does_alone_from_one_prefill(tiny_pair, samples):

@@ -244,7 +244,7 @@ def test_specpc_budgets_of_a_sample_share_one_draft_pass(tiny_pair, name):
     variant = {"specpc": {}, "specpc-paper": SPECPC_PAPER_SETTINGS, "snapkv-pc": SNAPKV_PC_SETTINGS}[name]
     settings = {**TINY_SPECPC_SETTINGS, **variant}
     calls = []
-    handle = draft.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    handle = draft.model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         for index in (0, 1):
             sample = generator.sample("niah_single", 600, index)
@@ -274,7 +274,7 @@ def test_specpc_variants_that_read_alike_share_the_draft_pass_and_others_do_not(
     methods, _ = build_methods(names, draft=draft, target=target, specpc_settings=TINY_SPECPC_SETTINGS)
     sample = TaskGenerator(target.tokenizer, chunk_tokens=64).sample("niah_multikey", 600, 0)
     calls = []
-    handle = draft.model.register_forward_pre_hook(lambda *_: calls.append(len(calls)))
+    handle = draft.model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(len(calls)))
     try:
         counts = []
         for name in names:

@@ -15,7 +15,7 @@ from draft_rag.bench.tiny import TINY_SPECPC_SETTINGS
 def draft_calls(tiny_pair):
     """The number of tokens of each forward call of the tiny draft, while the test runs."""
     calls: list[int] = []
-    handle = tiny_pair[0].model.register_forward_pre_hook(
+    handle = tiny_pair[0].model.get_decoder().register_forward_pre_hook(
         lambda _, args, kwargs: calls.append((args[0] if args else kwargs["input_ids"]).shape[1]), with_kwargs=True
     )
     yield calls

@@ -166,8 +166,9 @@ def test_warm_leaves_only_the_window_for_the_query(draft, monkeypatch):
     pc = make(draft, cache)
     pc.warm(DOCS)
     fed = []
-    forward = draft.model.forward
-    monkeypatch.setattr(draft.model, "forward", lambda input_ids, **kw: fed.append(input_ids.shape[1]) or forward(
+    decoder = draft.model.get_decoder()  # what every forward call runs, with or without the LM head
+    forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda input_ids, **kw: fed.append(input_ids.shape[1]) or forward(
         input_ids=input_ids, **kw))
     pc.compress(QUERY, DOCS)
     n = len(_DraftPrompt(draft.tokenizer, QUERY, DOCS).input_ids)
@@ -264,7 +265,7 @@ def test_budget_at_least_context_skips_the_draft(draft, monkeypatch):
     def no_forward(*args, **kwargs):
         raise AssertionError("the draft must not run")
 
-    monkeypatch.setattr(draft.model, "forward", no_forward)
+    monkeypatch.setattr(draft.model.get_decoder(), "forward", no_forward)  # every pass runs the decoder
     cache = DraftCache()
     result = make(draft, cache, budget=10_000).compress(QUERY, DOCS)
     assert result.texts == DOCS

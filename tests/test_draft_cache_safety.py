@@ -310,7 +310,7 @@ class RecordingTokenizer:
 def test_warm_tokenizes_each_document_only_when_it_is_encoded(draft):
     events = []
     recording = LoadedModel(draft.model, RecordingTokenizer(draft.tokenizer, events))
-    handle = draft.model.register_forward_pre_hook(lambda *_: events.append("forward"))
+    handle = draft.model.get_decoder().register_forward_pre_hook(lambda *_: events.append("forward"))
     try:
         make(recording, DraftCache()).warm(DOCS)
     finally:
@@ -330,7 +330,7 @@ def test_add_pulls_chunks_from_an_iterator_one_at_a_time(draft):
             events.append("pull")
             yield chunk
 
-    handle = draft.model.register_forward_pre_hook(lambda *_: events.append("forward"))
+    handle = draft.model.get_decoder().register_forward_pre_hook(lambda *_: events.append("forward"))
     cache = DraftCache()
     try:
         cache.add(draft, prefix_ids, stream())

@@ -9,11 +9,12 @@ import torch
 from transformers import DynamicCache
 
 from draft_rag import scoring
-from draft_rag.hf import cache_kwargs, hooked_cache
+from draft_rag.hf import cache_kwargs, cache_tensors, hooked_cache
 from draft_rag.scoring import (
     OBSERVER_BLOCK_SIZE,
     ObserverScores,
     ScoreReduction,
+    extend_cache,
     observer_weights,
     pool_scores,
     prefill,
@@ -137,6 +138,29 @@ def test_scores_accumulate_over_decode_steps(tiny_qwen):
         for pos in range(25, 30):
             prefill(tiny_qwen.model, ids[:, pos : pos + 1], cache)
     torch.testing.assert_close(scorer.scores(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "smollm3"])
+def test_extend_cache_scores_and_caches_like_prefill_without_the_lm_head(arch):
+    """The decoder alone gives the same K/V and the same scores; the language-model head never runs."""
+    loaded = tiny_model(arch, seed=0)
+    model = loaded.model
+    ids = torch.randint(3, model.config.vocab_size, (1, 30))
+    reduction = ScoreReduction(weighted_query=True)
+    head_calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    try:
+        with ObserverScores(model, 20, 10, reduction) as with_logits:
+            cache, _ = prefill(model, ids, chunk_size=8)
+        calls_with_logits = len(head_calls)
+        with ObserverScores(model, 20, 10, reduction) as without:
+            extended = extend_cache(model, ids, chunk_size=8)
+    finally:
+        handle.remove()
+    assert calls_with_logits == 4 and len(head_calls) == calls_with_logits  # one per chunk, then none
+    assert torch.equal(without.scores(), with_logits.scores())
+    for (k1, v1), (k2, v2) in zip(cache_tensors(cache), cache_tensors(extended), strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
 def test_hooks_are_removed_after_the_block(tiny_qwen):

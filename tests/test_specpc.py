@@ -297,8 +297,9 @@ def test_window_only_ramp_weighs_lookahead_rows_one():
 
 
 def count_forwards(loaded):
+    """Forward calls of the draft's decoder: every pass runs it, with the LM head (logits wanted) or without."""
     calls = []
-    handle = loaded.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    handle = loaded.model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
     return calls, handle
 
 

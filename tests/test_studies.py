@@ -93,7 +93,7 @@ def test_specpc_tuning_shares_draft_passes_and_resumes(tmp_path, monkeypatch):
     draft = tiny_model("qwen2", seed=4)
     monkeypatch.setattr(specpc_tuning, "load_model", lambda *args, **kwargs: draft)
     calls = []
-    handle = draft.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    handle = draft.model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
     argv = ["--tasks", "niah_single", "--length", "512", "--samples", "2", "--budgets", "48", "96",
             "--chunk-tokens", "64", "--out", str(tmp_path), "--variants", "default", "document boundaries",
             "neighbours 16", "question observers"]

@@ -63,7 +63,8 @@ def saved(loaded: LoadedModel, path: Path) -> Path:
 def no_forward(*loaded: LoadedModel) -> Iterator[None]:
     """Fail if any of the models runs a forward pass inside the block (errors must come before any compute)."""
     calls = []
-    handles = [m.model.register_forward_pre_hook(lambda *_: calls.append(1)) for m in loaded]
+    # The decoder runs in every pass, with the language-model head or without it.
+    handles = [m.model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1)) for m in loaded]
     try:
         yield
     finally:

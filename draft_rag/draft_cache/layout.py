@@ -17,7 +17,7 @@ from draft_rag.draft_cache.tiers import to_device
 from draft_rag.hf import cache_from_tensors, cache_tensors, check_supported, empty_cache, kv_shape, rotate_keys
 from draft_rag.hf.attention import model_name
 from draft_rag.models import LoadedModel
-from draft_rag.scoring import prefill
+from draft_rag.scoring import extend_cache
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, PreTrainedModel
@@ -116,7 +116,7 @@ def encode_chunk(
         keys, values = to_device(prefix.keys, device), to_device(prefix.values, device)
         past = cache_from_tensors((k[None], v[None]) for k, v in zip(keys, values))
     ids = torch.tensor([input_ids], device=device)
-    cache, _ = prefill(model, ids, past, chunk_size=chunk_size)
+    cache = extend_cache(model, ids, past, chunk_size=chunk_size)
     cached = cache_tensors(cache)
     # The K/V stay on the draft's device: the device tier keeps them there.
     keys = torch.stack([k[0, :, position:] for k, _ in cached])

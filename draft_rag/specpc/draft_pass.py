@@ -47,7 +47,7 @@ def score_prompt(
     import torch
     from tqdm.auto import tqdm
 
-    from draft_rag.scoring import OBSERVER_BLOCK_SIZE, ObserverScores, prefill
+    from draft_rag.scoring import OBSERVER_BLOCK_SIZE, ObserverScores, extend_cache, prefill
 
     model = draft.model
     n = len(prompt.input_ids)
@@ -62,9 +62,13 @@ def score_prompt(
     start = 0 if past is None else past.get_seq_length()
     with draft.lock, scorer, tqdm(total=n - start, desc="SpecPC draft prefill", unit="tok",
                                   disable=None if progress is None else not progress) as bar:
-        kv, logits = prefill(model, ids[:, start:], past, chunk_size=chunk_size, progress=bar.update)
-        # Every lookahead token runs through the draft, the last one too: its query observes.
-        generated = greedy_tokens(model, kv, logits, lookahead, stops, feed_last=True, scorer=scorer)
+        if not lookahead:  # nothing reads the logits
+            extend_cache(model, ids[:, start:], past, chunk_size=chunk_size, progress=bar.update)
+            generated = []
+        else:
+            kv, logits = prefill(model, ids[:, start:], past, chunk_size=chunk_size, progress=bar.update)
+            # Every lookahead token runs through the draft, the last one too: its query observes.
+            generated = greedy_tokens(model, kv, logits, lookahead, stops, feed_last=True, scorer=scorer)
     per_layer = scorer.scores()[:, 0, :, :n]  # [layers, kv_heads, n]
     per_key = per_layer.amax(dim=1) if reduction.heads == "max" else per_layer.mean(dim=1)
     return per_key.amax(dim=0), generated

@@ -2,8 +2,9 @@
 
 (a) Each of ``examples/langchain_rag.py``'s three questions retrieves its chunks as the example does (MiniLM,
 top 8, 1200-character chunks); the example's prompt carries them, each in a ``<document>`` block. The same
-openai client sends that request once straight to llama.cpp (the full context) and once through the gateway,
-whose draft cache in ``--cache-dir`` was warmed with the chunks first (SpecPC to ``--budget`` tokens). A row
+openai client sends that request once straight to llama.cpp (the full context) and once through the gateway
+(``draft-rag serve`` started in a process of its own, as it is deployed), whose draft cache in ``--cache-dir``
+was warmed with the chunks first (SpecPC to ``--budget`` tokens). A row
 records the seconds the client waited, the target's prompt tokens, the gateway's compression figures and the
 answer. Both sides run every question, the full-context side first.
 (b) The gateway's overhead when it compresses nothing: a short request without documents, and the first
@@ -119,27 +120,38 @@ def _stub_upstream() -> Any:
 
 
 @contextlib.contextmanager
-def gateway(args: argparse.Namespace, upstream: str, cache_dir: Path) -> Iterator[tuple[str, Any]]:
-    """The gateway on loopback in this process (the client only waits on it); yields its ``/v1`` URL and SpecPC."""
-    from draft_rag import DraftCache, SpecPC
-    from draft_rag.serve.allocator import keep_freed_memory
-    from draft_rag.serve.app import build_specpc, create_app, serve_in_thread
+def gateway(args: argparse.Namespace, upstream: str, cache_dir: Path, contexts: list[tuple[str, list[str]]],
+            scratch: Path) -> Iterator[tuple[str, str, str]]:
+    """``draft-rag serve`` in a process of its own, as it is deployed, with ``cache_dir`` warmed with every
+    question's chunks first; yields its ``/v1`` URL, the draft's dtype and its device.
 
-    args.malloc = "glibc's defaults"
-    if not args.default_malloc and keep_freed_memory():  # as draft-rag serve does
-        args.malloc = "kept for reuse (as draft-rag serve)"
-    settings = GatewaySettings(upstream=upstream, budget=args.budget, observe_from=args.observe_from,
-                               draft=args.draft, dtype=args.dtype, cache_dir=str(cache_dir))
+    Not in this process: here the client retrieves (its embedder runs torch in this thread), and torch ops in
+    two threads of one process make each other's small operations several times slower (OpenMP wakes its
+    threads instead of letting them spin once a process runs more of them than it has cores).
+    """
+    from draft_rag import DraftCache, SpecPC
+    from draft_rag.serve.launch import free_port, started
+
+    draft = args.draft
     if args.smoke:
         from draft_rag.bench.tiny import tiny_model
 
-        specpc = SpecPC(draft=tiny_model(max_position_embeddings=8192), budget=args.budget,
-                        observe_from=args.observe_from, progress=False, cache=DraftCache(directory=cache_dir))
-    else:
-        specpc = build_specpc(settings)
-    specpc.load()  # before the app starts, so that its own load finds the draft ready
-    with serve_in_thread(create_app(settings, specpc=specpc)) as url:
-        yield f"{url}/v1", specpc
+        tiny = tiny_model(max_position_embeddings=8192)
+        draft = str(scratch / "tiny-draft")
+        tiny.model.save_pretrained(draft)
+        tiny.tokenizer.save_pretrained(draft)
+    specpc = SpecPC(draft=draft, budget=args.budget, observe_from=args.observe_from, dtype=args.dtype,
+                    progress=False, cache=DraftCache(directory=cache_dir))
+    specpc.warm(sorted({chunk for _, chunks in contexts for chunk in chunks}))
+    loaded = specpc.load()
+    dtype, device = loaded.dtype_name, str(loaded.device)
+    del specpc, loaded
+    port = free_port()
+    command = [sys.executable, "-m", "draft_rag.cli", "serve", "--upstream", upstream, "--port", str(port),
+               "--budget", str(args.budget), "--observe-from", args.observe_from, "--draft", draft,
+               "--dtype", dtype, "--device", device, "--cache-dir", str(cache_dir), "--log-level", "warning"]
+    with started(command, f"http://127.0.0.1:{port}/health", log_path=scratch / "gateway.log"):
+        yield f"http://127.0.0.1:{port}/v1", dtype, device
 
 
 def ask(client: Any, messages: list[dict[str, str]], max_tokens: int, extra: dict[str, Any] | None = None) -> Row:
@@ -248,8 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-chars", type=int, default=1200)
     parser.add_argument("--max-tokens", type=int, default=64, help="most answer tokens (64, as the example's)")
     parser.add_argument("--rounds", type=int, default=20, help="requests per side and case in part (b)")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave malloc as it is instead of keeping freed memory as draft-rag serve does")
     parser.add_argument("--cache-dir", type=Path, default=None, help="the gateway's draft cache (a fresh one)")
     parser.add_argument("--smoke", action="store_true", help="tiny draft and a stub upstream: checks the script")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -266,19 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as scratch, upstream_server(args) as upstream, \
-            gateway(args, upstream, args.cache_dir or Path(scratch) / "draft-cache") as (gateway_url, specpc):
-        specpc.warm(sorted({chunk for _, chunks in contexts for chunk in chunks}))
+            gateway(args, upstream, args.cache_dir or Path(scratch) / "draft-cache", contexts, Path(scratch)) as (
+                gateway_url, dtype, device):
         with openai.OpenAI(base_url=upstream, api_key="none", max_retries=0, timeout=1800) as direct, \
                 openai.OpenAI(base_url=gateway_url, api_key="none", max_retries=0, timeout=1800) as via:
             ask(direct, [{"role": "user", "content": "Say hello."}], 1)  # llama.cpp reads its weights once
             rows += compare(direct, via, contexts, args)
             rows += overhead(direct, via, contexts, args.rounds)
-        draft = specpc.load()
         setup = {"upstream": "stub (smoke)" if args.smoke else args.upstream or f"llama.cpp, {DEFAULT_TARGET} GGUF, "
                  f"{args.threads} threads", "draft": "tiny (smoke)" if args.smoke else args.draft,
-                 "draft dtype": draft.dtype_name, "hardware": hardware_label(str(draft.device)), "budget": args.budget,
+                 "draft dtype": dtype, "hardware": hardware_label(device), "budget": args.budget,
                  "observe from": args.observe_from, "top k": args.top_k, "chunk chars": args.chunk_chars,
-                 "max tokens": args.max_tokens, "malloc": args.malloc}
+                 "max tokens": args.max_tokens, "gateway": "draft-rag serve, its own process"}
     with open(args.out / RESULTS_FILE, "w", encoding="utf-8") as sink:
         sink.writelines(json.dumps({**row, "setup": setup}) + "\n" for row in rows)
     table = summarize(rows, setup)

@@ -117,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from draft_rag.serve.allocator import keep_freed_memory
         from draft_rag.serve.app import create_app
     except ImportError as error:
         msg = f"draft-rag serve needs its extra: pip install 'draft-rag[serve]' ({error})"
@@ -127,7 +126,6 @@ def run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_config": log_config(args.log_level),
                                "log_level": args.log_level}
     if settings.workers == 1:
-        keep_freed_memory()
         uvicorn.run(create_app(settings), **options)
         return 0
     # Workers are new processes that import the app by name: the settings travel in the environment, which

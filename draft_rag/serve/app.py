@@ -103,9 +103,6 @@ def create_app(
 
 def app_from_environment() -> Starlette:
     """The app for ``uvicorn ... --factory`` in each worker of ``draft-rag serve --workers N``."""
-    from draft_rag.serve.allocator import keep_freed_memory
-
-    keep_freed_memory()
     return create_app(GatewaySettings.from_environment())
 
 

@@ -108,7 +108,13 @@ class Compression:
         try:
             if load_first is not None:
                 self.specpc = load_first(self.specpc)
-            self.specpc.load()
+            draft = self.specpc.load()
+            if self.specpc.cache is not None:
+                # The draft cache's key hashes every weight (about a second for a 0.5B draft), once per loaded
+                # model: here, before /health reports ready, instead of in the first request's compression.
+                from draft_rag.draft_cache import model_fingerprint
+
+                model_fingerprint(draft.model)
         except Exception as error:  # noqa: BLE001 (reported by /health and to each request that needs a model)
             self.load_error = f"{type(error).__name__}: {error}"
             logger.error("the models could not be loaded: %s", self.load_error)

@@ -161,6 +161,21 @@ async def test_health_is_503_until_the_draft_is_loaded(stub, tiny_draft):
     assert (ready.status_code, ready.json()) == (200, {"status": "ok"})
 
 
+async def test_the_draft_is_fingerprinted_for_its_cache_before_health_reports_ready(stub, tiny_draft, monkeypatch):
+    import draft_rag.draft_cache
+
+    hashed = []
+    real = draft_rag.draft_cache.model_fingerprint
+    monkeypatch.setattr(draft_rag.draft_cache, "model_fingerprint", lambda model: hashed.append(model) or real(model))
+    _, url = stub
+    async with gateway(url, make_specpc(tiny_draft)) as client:
+        for _ in range(200):
+            if (await client.get("/health")).status_code == 200:
+                break
+            await asyncio.sleep(0.01)
+        assert hashed == [tiny_draft.model]  # at load, not in the first request's compression
+
+
 async def test_metrics_count_requests_tokens_and_cache(stub, specpc):
     _, url = stub
     async with gateway(url, specpc) as client:

@@ -113,6 +113,15 @@ def test_report_only_merges_the_runs_of_two_machines(tmp_path, capsys):
     assert "n=2 |" in summary.split("| full |")[1].split("\n")[0]
     assert "latency and memory (float32 on another CPU)" in summary
 
+    # --methods picks what the report compares; a directory without results of its own takes the report.
+    elsewhere = tmp_path / "report"
+    assert main(["bench", "--report-only", "--methods", "full", "--out", str(elsewhere), "--merge", str(first),
+                 str(second)]) == 0
+    only_full = (elsewhere / "summary.md").read_text()
+    assert "| full |" in only_full and "| truncate" not in only_full
+    assert not (elsewhere / "results.jsonl").exists()
+    assert "truncate" in (first / "summary.md").read_text(), "the first report is left as it was"
+
 
 def test_tiny_bench_answers_book_qa_with_specpc_and_its_variants(tmp_path):
     from draft_rag.bench.book_qa import book_questions

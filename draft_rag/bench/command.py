@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-budgets", nargs="+", type=int,
                         help="KV-side budgets in KV entries per head (default 128 256; with --budgets: the same)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                        help="methods; 'full' always runs as the reference (default: all)")
+                        help="methods; 'full' always runs as the reference (default: all); with --report-only, the "
+                             "methods the report compares")
     parser.add_argument("--samples", type=int, help="samples per task and length (default 20)")
     parser.add_argument("--reverse", action="store_true",
                         help="run the samples from the last one down, e.g. on a second kind of machine that fills "
@@ -70,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", nargs="+", type=Path, default=[], metavar="DIR",
                         help="with --report-only: also read the results of the same benchmark run on another "
                              "machine or dtype from these directories; each sample's rows come from the one run "
-                             "that has the most of them, and latency is shown per run")
+                             "that has the most of them, and latency is shown per run (--out may then hold no "
+                             "results of its own: it takes the report)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,8 +85,10 @@ def run(args: argparse.Namespace) -> int:
                "machine's rows into its own --out first).")
         raise ValueError(msg)
     if args.report_only:
-        rows, sources = _stored_rows([args.out, *args.merge])
-        skipped = {name: reason for name in args.methods if (reason := unavailable_reason(name))}
+        rows, sources = _stored_rows([args.out, *args.merge], {"full", *args.methods})
+        reported = {row["method"] for row in rows}  # a method that cannot run here may have rows from elsewhere
+        skipped = {name: reason for name in args.methods
+                   if name not in reported and (reason := unavailable_reason(name))}
         _report(rows, args.out, skipped, seconds=None, sources=sources)
         return 0
 
@@ -133,19 +137,26 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return config
 
 
-def _stored_rows(directories: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rows to report from results files (:func:`~draft_rag.bench.runner.merge_runs` of several), and a
-    line per file saying how many of its samples the report takes from it."""
+def _stored_rows(directories: list[Path], methods: set[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of ``methods`` to report from results files (:func:`~draft_rag.bench.runner.merge_runs` of
+    several), and a line per file saying how many of its samples the report takes from it.
+
+    Other methods' rows are set aside before the runs are merged, so a sample comes from the run that has the
+    most of the reported rows (the files keep every row)."""
     from draft_rag.bench.report import run_label
     from draft_rag.bench.runner import RESULTS_FILE, latest_rows, merge_runs, read_rows, sample_key
 
     runs = []
-    for directory in directories:
-        rows = latest_rows(read_rows(directory / RESULTS_FILE))
+    for index, directory in enumerate(directories):
+        rows = [row for row in latest_rows(read_rows(directory / RESULTS_FILE)) if row["method"] in methods]
+        if not rows and index == 0 and len(directories) > 1:
+            continue  # --out only takes the report of the --merge directories' rows
         if not rows:
             msg = f"--report-only found no rows in {directory / RESULTS_FILE}; run the benchmark first."
             raise FileNotFoundError(msg)
         runs.append(rows)
+    if len(runs) < len(directories):
+        directories = directories[1:]
     taken = merge_runs(runs)
     rows = [row for part in taken for row in part]
     if len(runs) == 1:
@@ -166,6 +177,7 @@ def _report(
     from, one line per results file)."""
     from draft_rag.bench.report import complete_samples, plot_accuracy, plot_accuracy_vs_time, write_summary
 
+    out.mkdir(parents=True, exist_ok=True)
     shown, left_out = complete_samples(rows)
     notes = _notes(shown or rows, seconds)
     if sources:

@@ -370,11 +370,11 @@ def _run(
     decoder = model.get_decoder()
     # The decoder alone where the model has one apart (every supported causal LM), else the whole model.
     forward = model if logits or decoder is model else decoder
+    keep = {"logits_to_keep": 1} if forward is model else {}
     last = None
     with torch.inference_mode():
         for start in range(0, input_ids.shape[1], chunk_size):
             chunk = input_ids[:, start : start + chunk_size]
-            keep = {"logits_to_keep": 1} if forward is model else {}
             out = forward(input_ids=chunk, **cache_kwargs(forward, cache), use_cache=True, **keep)
             if logits:
                 last = out.logits[:, -1]

@@ -146,7 +146,7 @@ def _stored_rows(directories: list[Path], methods: set[str]) -> tuple[list[dict[
     from draft_rag.bench.report import run_label
     from draft_rag.bench.runner import RESULTS_FILE, latest_rows, merge_runs, read_rows, sample_key
 
-    runs = []
+    found: list[tuple[Path, list[dict[str, Any]]]] = []
     for index, directory in enumerate(directories):
         rows = [row for row in latest_rows(read_rows(directory / RESULTS_FILE)) if row["method"] in methods]
         if not rows and index == 0 and len(directories) > 1:
@@ -154,15 +154,14 @@ def _stored_rows(directories: list[Path], methods: set[str]) -> tuple[list[dict[
         if not rows:
             msg = f"--report-only found no rows in {directory / RESULTS_FILE}; run the benchmark first."
             raise FileNotFoundError(msg)
-        runs.append(rows)
-    if len(runs) < len(directories):
-        directories = directories[1:]
+        found.append((directory, rows))
+    runs = [rows for _, rows in found]
     taken = merge_runs(runs)
     rows = [row for part in taken for row in part]
     if len(runs) == 1:
         return rows, []
     sources = []
-    for directory, part in zip(directories, taken, strict=True):
+    for (directory, _), part in zip(found, taken, strict=True):
         samples = len({sample_key(r) for r in part})
         runs_named = ", ".join(dict.fromkeys(run_label(r) for r in part)) or "none"
         sources.append(f"{samples} samples ({len(part)} rows) from {directory / RESULTS_FILE}: {runs_named}")

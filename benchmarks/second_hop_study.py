@@ -15,7 +15,10 @@ budget, in one process:
 - ``cached, ...``: the same over a :class:`draft_rag.DraftCache` warmed with the sample's documents before the
   clock starts (the warm time is recorded apart, as ``warm_s``; one cache serves every cached variant, since an
   entry does not depend on who observes), among them the smaller observer windows (``question observers``,
-  ``window 32``) that also cost the gateway less per request.
+  ``window 32``) that also cost the gateway less per request;
+- ``..., rescore 2``: candidates at twice the budget from the cached reading, the budget picked among them by one
+  more draft pass without the cache over their text and the question (:attr:`draft_rag.SpecPC.rescore_factor`):
+  what encoding the documents apart cost, read back together.
 
 A row records whether the kept text still holds the gold answers (the task's own string match, as in
 ``specpc_tuning``: a fact the compressor drops, no target can answer from), the compression seconds (a draft pass
@@ -23,7 +26,9 @@ shared by variants that read alike is counted in full for each, as in ``draft-ra
 variants whose draft answers (two-pass) that answer and whether it was right. Only the draft runs. Run it on a
 seed the reported benchmark does not use (default 1; seed 0 is refused), adopt the winner, then report it on
 seed 0 with ``draft-rag bench``. ``book_qa`` is not a default task: its questions do not change with the seed,
-so tuning on it would tune on the reported questions. Rows are appended as they are made; a rerun skips them.
+so tuning on it tunes on questions the report holds too; ``--samples 21`` keeps to its first 21 questions (the
+first sitting's), which is how the rescoring was chosen, and the report states questions 21 and on apart as the
+held-out ones. Rows are appended as they are made; a rerun skips them.
 
     python -m benchmarks.second_hop_study --length 4096 --budgets 256 512 1024 --samples 10 --out docs/bench
     python -m benchmarks.second_hop_study --smoke --out /tmp/second-hop   # tiny random models: plumbing only
@@ -87,6 +92,8 @@ VARIANTS: dict[str, Variant] = {
     "cached, question observers, lookahead 32": Variant({"observe_from": "question", "lookahead_tokens": 32},
                                                          cache=True),
     "cached, 2-pass, first 1/2": Variant(cache=True, first_share=0.5),
+    "cached, rescore 2": Variant({"rescore_factor": 2}, cache=True),
+    "cached, question observers, rescore 2": Variant({"observe_from": "question", "rescore_factor": 2}, cache=True),
 }
 
 SMOKE = {"tasks": ["niah_multikey", "two_hop"], "length": 2000, "budgets": [64, 128], "samples": 1,

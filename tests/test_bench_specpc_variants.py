@@ -229,3 +229,23 @@ def test_specpc_2pass_shares_the_first_pass_with_specpc_and_lets_the_draft_answe
     answer = compressor.specpc.second_pass(reading, compressor.specpc.specpc.select(reading, 64)).answer
     long_reads = [n for n in draft_calls if n > 1]
     assert len(draft_calls) - len(long_reads) <= 32 and len(long_reads) == (2 if answer else 1)
+
+
+def test_specpc_cached_question_rescore_shares_the_cached_pass_and_reads_its_candidates_again(tiny_pair, draft_calls):
+    name, reference = "specpc-cached-question-rescore", "specpc-cached-question"
+    methods = _methods(tiny_pair, reference, name)
+    assert methods[name].settings["rescore_factor"] == 2
+    assert {k: v for k, v in methods[name].settings.items() if k != "rescore_factor"} == {
+        k: v for k, v in methods[reference].settings.items() if k != "rescore_factor"}
+    assert methods[name].warm is not None
+    sample = _sample(tiny_pair[1])
+    plain = methods[reference].run(sample, 64)
+    draft_calls.clear()
+    rescored = methods[name].run(sample, 64)
+    assert rescored.context_tokens <= 64
+    # Its own cache is warmed (the prefix, then each document), the first pass is specpc-cached-question's (shared),
+    # and one more draft pass reads the candidates (at most twice the budget) with the question, without the cache.
+    *encodings, second = draft_calls
+    assert len(encodings) == len(sample.documents) + 1
+    assert 64 < second < sum(encodings)
+    assert rescored.compress_s > 0 and plain.compress_s > 0

@@ -47,6 +47,10 @@ class GatewaySettings:
             (SpecPC's default), the last 64 prompt positions, which also hold the last document's tail. Over a
             warm draft cache the draft runs only over the observers, so ``"question"`` costs about 40% less
             per request, and on the tuning seed it kept more answers (see the gateway guide).
+        rescore_factor: ``0`` (default): select from the draft's reading over the warm cache. ``k >= 2``: pick
+            candidates at ``k`` times the budget from it, and the budget among them from one more draft pass over
+            their text, without the cache (:attr:`draft_rag.SpecPC.rescore_factor`): closer to reading the
+            documents together, for a draft pass over about ``k`` times the budget per request.
         draft: SpecPC's draft model (and in engine mode SpecKV's): a packaged name, a Hugging Face id or path, or
             a ``.gguf`` file.
         dtype, device: how and where the draft (and in engine mode the target) runs (default: the library's
@@ -84,6 +88,7 @@ class GatewaySettings:
     port: int = 8100
     budget: int = 1024
     observe_from: str = "question"
+    rescore_factor: int = 0
     draft: str = DEFAULT_DRAFT
     dtype: str | None = None
     device: str | None = None
@@ -119,6 +124,10 @@ class GatewaySettings:
             _check_int(name, getattr(self, name), minimum)
         if self.lookahead_tokens is not None:
             _check_int("lookahead_tokens", self.lookahead_tokens, 1)
+        _check_int("rescore_factor", self.rescore_factor, 0)
+        if self.rescore_factor == 1:
+            msg = "rescore_factor must be 0 (off) or at least 2 (candidates at that multiple of the budget), got 1."
+            raise ValueError(msg)
         if self.observe_from not in OBSERVE_FROM:
             msg = f"observe_from must be one of {', '.join(map(repr, OBSERVE_FROM))}, got {self.observe_from!r}."
             raise ValueError(msg)

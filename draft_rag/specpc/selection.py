@@ -17,22 +17,50 @@ if TYPE_CHECKING:
 
 
 def pool_context(
-    prompt: _DraftPrompt, scores: torch.Tensor, kernel_size: int, pool: Pool, document_boundaries: bool
+    prompt: _DraftPrompt,
+    scores: torch.Tensor,
+    kernel_size: int,
+    pool: Pool,
+    document_boundaries: bool,
+    within: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[tuple[int, int]] | None]:
     """The pooled score of every document token of ``prompt``, document after document, and the documents'
     ``(start, end)`` among them when ``document_boundaries`` keeps pooling (and neighbourhoods) within each
-    document (None otherwise: pooled over the whole prompt)."""
+    document (None otherwise: pooled over the whole prompt).
+
+    ``within`` (a bool per prompt position) limits the selection to the positions it marks: pooling and
+    neighbourhoods stop at the edges of each run of them too, and the other positions score ``-inf``.
+    """
     from draft_rag.scoring import pool_scores
 
     segments = prompt.context_segments() if document_boundaries else None
-    if segments is None:
-        context_scores = pool_scores(scores, kernel_size, pool)[prompt.context_positions()]
-    else:
-        import torch
+    if segments is None and within is None:
+        return pool_scores(scores, kernel_size, pool)[prompt.context_positions()], None
+    import torch
 
-        context = scores[prompt.context_positions()]
-        context_scores = torch.cat([pool_scores(context[a:b], kernel_size, pool) for a, b in segments])
+    context = scores[prompt.context_positions()]
+    if segments is None:
+        segments = [(0, context.shape[0])]
+    if within is not None:
+        inside = within[prompt.context_positions()]
+        segments = split_runs(segments, inside.tolist())
+    context_scores = torch.cat([pool_scores(context[a:b], kernel_size, pool) for a, b in segments])
+    if within is not None:
+        context_scores = context_scores.masked_fill(~inside.to(context_scores.device), float("-inf"))
     return context_scores, segments
+
+
+def split_runs(segments: list[tuple[int, int]], marks: list[bool]) -> list[tuple[int, int]]:
+    """``segments`` (``(start, end)`` ranges that tile the positions) cut wherever ``marks`` changes value."""
+    runs = []
+    for start, end in segments:
+        for position in range(start + 1, end):
+            if marks[position] != marks[position - 1]:
+                runs.append((start, position))
+                start = position
+        if start < end:
+            runs.append((start, end))
+    return runs
 
 
 def selection_order(

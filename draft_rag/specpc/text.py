@@ -116,3 +116,15 @@ def join_spans(source: str, spans: list[tuple[int, int]], marker: str) -> str:
     if source[spans[-1][1] :].strip():
         text = text + marker.rstrip()
     return text
+
+
+def span_starts(source: str, spans: list[tuple[int, int]], marker: str) -> list[int]:
+    """Where each of ``spans`` starts in ``join_spans(source, spans, marker)``."""
+    if not spans or spans == [(0, len(source))]:
+        return [0] * len(spans)
+    at = len(marker.lstrip()) if source[: spans[0][0]].strip() else 0
+    starts = []
+    for start, end in spans:
+        starts.append(at)
+        at += end - start + len(marker)
+    return starts

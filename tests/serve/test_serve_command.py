@@ -67,14 +67,15 @@ def test_options_become_settings(monkeypatch):
     monkeypatch.setattr("uvicorn.run", lambda app, **options: calls.append((app, options)))
     monkeypatch.setattr("draft_rag.serve.app.create_app", lambda settings: settings)
     assert main(["serve", "--upstream", "http://10.0.0.5:8000/v1/", "--host", "0.0.0.0", "--port", "9000",
-                 "--budget", "512", "--observe-from", "window", "--draft", "some/draft", "--cache-dir", "/tmp/c",
+                 "--budget", "512", "--observe-from", "window", "--rescore-factor", "3", "--draft", "some/draft",
+                 "--cache-dir", "/tmp/c",
                  "--target-tokenizer", "some/tok",
                  "--max-request-bytes", "1000", "--queue-size", "3", "--connect-timeout", "2", "--read-timeout", "30",
                  "--log-level", "warning"]) == 0
     [(settings, options)] = calls
     assert settings == GatewaySettings(
         upstream="http://10.0.0.5:8000/v1", host="0.0.0.0", port=9000, budget=512, observe_from="window",
-        draft="some/draft",
+        rescore_factor=3, draft="some/draft",
         cache_dir="/tmp/c", target_tokenizer="some/tok", max_request_bytes=1000, queue_size=3, connect_timeout=2.0,
         read_timeout=30.0)
     assert (options["host"], options["port"], options["log_level"]) == ("0.0.0.0", 9000, "warning")
@@ -108,6 +109,19 @@ def test_observe_from_reaches_specpc_and_a_bad_value_names_the_setting(capsys, m
     assert build_specpc(GatewaySettings(upstream="http://x/v1", observe_from="window")).observe_from == "window"
     with pytest.raises(ValueError, match="observe_from must be one of 'window', 'question', got 'last'"):
         GatewaySettings(upstream="http://x/v1", observe_from="last")
+
+
+def test_rescore_factor_reaches_specpc_and_a_bad_value_names_the_setting():
+    from draft_rag.serve.app import build_specpc
+
+    assert build_specpc(GatewaySettings(upstream="http://x/v1")).rescore_factor == 0
+    assert build_specpc(GatewaySettings(upstream="http://x/v1", rescore_factor=2)).rescore_factor == 2
+    with pytest.raises(ValueError, match="rescore_factor must be 0 .off. or at least 2"):
+        GatewaySettings(upstream="http://x/v1", rescore_factor=1)
+    with pytest.raises(ValueError, match="rescore_factor must be >= 0, got -1"):
+        GatewaySettings(upstream="http://x/v1", rescore_factor=-1)
+    with pytest.raises(TypeError, match="rescore_factor must be an integer"):
+        GatewaySettings(upstream="http://x/v1", rescore_factor=2.0)  # type: ignore[arg-type]
 
 
 def test_settings_travel_to_workers_as_json(monkeypatch):

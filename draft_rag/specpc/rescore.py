@@ -11,6 +11,7 @@ This module holds the two steps around that pass: the candidates as text with a 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -76,9 +77,13 @@ def transfer_scores(
             continue
         candidate_first = next(candidate_starts)
         best: dict[int, float] = {}  # source character -> best score of a candidate token covering it
+        piece_starts = [at for at, _, _ in candidate.pieces]
         for index, (start, end) in enumerate(candidate_offsets):
             score = values[candidate_first + index]
-            for at, source_start, length in candidate.pieces:
+            piece = max(bisect.bisect_right(piece_starts, start) - 1, 0)  # the pieces under the token, in order
+            for at, source_start, length in candidate.pieces[piece:]:
+                if at >= end:
+                    break
                 for char in range(max(start, at), min(end, at + length)):
                     source_char = source_start + char - at
                     best[source_char] = max(best.get(source_char, 0.0), score)

@@ -12,6 +12,7 @@ from draft_rag.specpc.prompt import _DraftPrompt
 from draft_rag.specpc.rescore import candidate_texts, transfer_scores
 from draft_rag.specpc.selection import split_runs
 from draft_rag.specpc.text import join_spans, span_starts
+from tests.test_specpc import count, make
 from tests.tiny import tiny_tokenizer
 
 QUERY = "What is the special magic number for the word apple?"
@@ -21,16 +22,6 @@ DOCS = [
     "   ",
     "Retrieval augmented generation reads long documents, and a small draft model decides. " * 4,
 ]
-
-
-def make(draft, **kwargs):
-    defaults = dict(budget=24, window_size=8, kernel_size=5, neighbor_tokens=6, starting_layer_index=1)
-    defaults.update(kwargs)
-    return SpecPC(draft=draft, **defaults)
-
-
-def count(text: str) -> int:
-    return len(tiny_tokenizer()(text, add_special_tokens=False)["input_ids"])
 
 
 def decoder_tokens(loaded):
@@ -159,7 +150,10 @@ def test_split_runs_cuts_segments_where_the_marks_change():
 
 
 def test_rescoring_is_a_selection_setting_and_is_checked(draft):
-    assert "rescore_factor" not in make(draft).settings() or make(draft).settings()["rescore_factor"] == 0
+    from draft_rag.specpc import SELECTION_SETTINGS
+
+    assert make(draft).settings()["rescore_factor"] == 0 and make(draft, rescore_factor=3).settings()["rescore_factor"] == 3
+    assert "rescore_factor" in SELECTION_SETTINGS  # the first pass does not depend on it: it can be shared
     with pytest.raises(ValueError, match="rescore_factor must be 0 .* or at least 2"):
         SpecPC(rescore_factor=1)
     with pytest.raises(ValueError, match="rescore_factor must be >= 0"):

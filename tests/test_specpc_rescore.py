@@ -152,7 +152,8 @@ def test_split_runs_cuts_segments_where_the_marks_change():
 def test_rescoring_is_a_selection_setting_and_is_checked(draft):
     from draft_rag.specpc import SELECTION_SETTINGS
 
-    assert make(draft).settings()["rescore_factor"] == 0 and make(draft, rescore_factor=3).settings()["rescore_factor"] == 3
+    assert make(draft).settings()["rescore_factor"] == 0
+    assert make(draft, rescore_factor=3).settings()["rescore_factor"] == 3
     assert "rescore_factor" in SELECTION_SETTINGS  # the first pass does not depend on it: it can be shared
     with pytest.raises(ValueError, match="rescore_factor must be 0 .* or at least 2"):
         SpecPC(rescore_factor=1)

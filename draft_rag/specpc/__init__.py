@@ -196,9 +196,11 @@ class SpecPC:
         rescore_factor: ``0`` (default): select from the draft pass. ``k >= 2``: select ``k x budget`` tokens
             of candidates from it, then let the draft read the candidates' text and the question once more, in
             one prefill without the ``cache`` (:mod:`draft_rag.specpc.rescore`), and select the budget from
-            that reading. Over a draft cache this gives back what encoding documents apart costs (the second
-            reading sees them together), for a draft pass over about ``k x budget`` tokens per compression:
-            on the benchmark's book questions, 2 kept the answer as often as SpecPC without a cache.
+            that reading, which sees the candidates together as a prefill without the cache would. It costs a
+            draft pass over about ``k x budget`` tokens per compression. On the benchmark's book questions, 2
+            over a warm cache kept the gold answer in the text as often as SpecPC without a cache on the
+            questions it was chosen on, but the target's answers gained little over the cached reading alone
+            (see the benchmark's results, "Real documents"), so it is off by default.
         device, dtype: where and how to run the draft (default CUDA when available, in bf16 where the GPU has
             it natively, else fp16; else the CPU, in bf16 where it has native bf16, else fp32).
         progress: show a progress bar over the prefill (None: only on a terminal).

@@ -331,3 +331,22 @@ def test_merge_runs_takes_each_sample_from_the_run_with_most_of_its_rows():
     assert by_sample == {(0, "a"), (1, "b"), (2, "a"), (3, "b")}
     assert [len(part) for part in taken] == [6, 4]
     assert merge_runs([first]) == [first]
+
+
+@pytest.mark.parametrize("results", ["docs/bench/results.jsonl", "docs/bench/fp32/results.jsonl",
+                                     "docs/bench/book_qa/results.jsonl"])
+def test_the_committed_rows_name_every_knob_the_methods_have_now(tiny_pair, results):
+    """A knob added to a method must be written into the committed rows with the value they were made with,
+    or a resumed sitting would take every row as stale and run it all again."""
+    from pathlib import Path
+
+    from draft_rag.bench.methods import KV_METHODS
+    from draft_rag.bench.runner import _settings_of
+
+    path = Path(__file__).resolve().parent.parent / results
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    names = sorted({r["method"] for r in rows} - {"llmlingua", *KV_METHODS})
+    methods, _ = build_methods(names, draft=tiny_pair[0], target=tiny_pair[1])
+    for name, method in methods.items():
+        made_with = {frozenset(r["method_settings"]) for r in rows if r["method"] == name}
+        assert made_with == {frozenset(_settings_of(method))}, name

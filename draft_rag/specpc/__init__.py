@@ -246,18 +246,14 @@ class SpecPC:
     _counter: PreTrainedTokenizerBase | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from draft_rag.checks import check_int, check_text
+        from draft_rag.checks import check_int, check_rescore_factor, check_text
 
         minimums = {"budget": 1, "window_size": 1, "kernel_size": 1, "neighbor_tokens": 1, "chunk_size": 1,
                     "lookahead_tokens": 0, "starting_layer_index": 0, "rescore_factor": 0}
         for name, minimum in minimums.items():
             check_int(f"SpecPC {name}", getattr(self, name), minimum)
             setattr(self, name, int(getattr(self, name)))
-        if self.rescore_factor == 1:
-            msg = ("SpecPC rescore_factor must be 0 (select from the draft pass) or at least 2 (candidates at that "
-                   "multiple of the budget, read again), got 1: candidates of the budget itself leave nothing to "
-                   "choose.")
-            raise ValueError(msg)
+        check_rescore_factor("SpecPC rescore_factor", self.rescore_factor)
         if self.observer_block_size is not None:
             check_int("SpecPC observer_block_size", self.observer_block_size, 1)
             self.observer_block_size = int(self.observer_block_size)

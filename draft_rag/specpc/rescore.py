@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from draft_rag.specpc.text import join_spans, span_starts
+from draft_rag.specpc.text import span_starts
 
 if TYPE_CHECKING:
     import torch
@@ -39,13 +39,13 @@ class Candidate:
 
 
 def candidate_texts(sources: Sequence[str], kept: Sequence[CompressedDocument], marker: str) -> list[Candidate]:
-    """Each source document's kept spans (``kept``, one per source, in order) as text, with where each span is."""
+    """Each source document's kept spans (``kept``, one per source, in order, their text joined by ``marker``)
+    as text, with where each span is."""
     candidates = []
     for source, document in zip(sources, kept):
         starts = span_starts(source, document.spans, marker)
-        text = join_spans(source, document.spans, marker)
         pieces = [(at, start, end - start) for at, (start, end) in zip(starts, document.spans)]
-        candidates.append(Candidate(text, pieces))
+        candidates.append(Candidate(document.text, pieces))
     return candidates
 
 

@@ -38,11 +38,12 @@ def pool_context(
         return pool_scores(scores, kernel_size, pool)[prompt.context_positions()], None
     import torch
 
-    context = scores[prompt.context_positions()]
+    positions = prompt.context_positions()
+    context = scores[positions]
     if segments is None:
         segments = [(0, context.shape[0])]
     if within is not None:
-        inside = within[prompt.context_positions()]
+        inside = within[positions]
         segments = split_runs(segments, inside.tolist())
     context_scores = torch.cat([pool_scores(context[a:b], kernel_size, pool) for a, b in segments])
     if within is not None:

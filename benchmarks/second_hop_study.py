@@ -16,6 +16,10 @@ budget, in one process:
   clock starts (the warm time is recorded apart, as ``warm_s``; one cache serves every cached variant, since an
   entry does not depend on who observes), among them the smaller observer windows (``question observers``,
   ``window 32``) that also cost the gateway less per request;
+- ``cached, layers 4+`` / ``layers 0+``, ``heads mean``, ``observers mean``: the cached reading maxed over more
+  layers (from layer 4 or 0 instead of 8: a chunk encoded on its own drifts from a joint prefill more in deep
+  layers than in shallow ones), or averaged over query heads or observer rows instead of maxed (an average
+  is less swayed by a few rows that the separate encoding distorts);
 - ``..., rescore 2``: candidates at twice the budget from the cached reading, the budget picked among them by one
   more draft pass without the cache over their text and the question (:attr:`draft_rag.SpecPC.rescore_factor`):
   what encoding the documents apart cost, read back together.
@@ -94,6 +98,13 @@ VARIANTS: dict[str, Variant] = {
     "cached, 2-pass, first 1/2": Variant(cache=True, first_share=0.5),
     "cached, rescore 2": Variant({"rescore_factor": 2}, cache=True),
     "cached, question observers, rescore 2": Variant({"observe_from": "question", "rescore_factor": 2}, cache=True),
+    "cached, layers 4+": Variant({"starting_layer_index": 4}, cache=True),
+    "cached, layers 0+": Variant({"starting_layer_index": 0}, cache=True),
+    "cached, question observers, layers 4+": Variant({"observe_from": "question", "starting_layer_index": 4},
+                                                      cache=True),
+    "cached, heads mean": Variant({"reduction": "mean"}, cache=True),
+    "cached, question observers, heads mean": Variant({"observe_from": "question", "reduction": "mean"}, cache=True),
+    "cached, observers mean": Variant({"observer_reduction": "mean"}, cache=True),
 }
 
 SMOKE = {"tasks": ["niah_multikey", "two_hop"], "length": 2000, "budgets": [64, 128], "samples": 1,

@@ -20,6 +20,10 @@ budget, in one process:
   layers (from layer 4 or 0 instead of 8: a chunk encoded on its own drifts from a joint prefill more in deep
   layers than in shallow ones), or averaged over query heads or observer rows instead of maxed (an average
   is less swayed by a few rows that the separate encoding distorts);
+- ``..., recompute 2``: candidates at twice the budget from the cached reading, their draft K/V computed again in
+  context (each attends to every document before it, CacheBlend-style) and written over the cached ones, then the
+  observers read once more and the budget is picked among the candidates
+  (:attr:`draft_rag.SpecPC.recompute_factor`);
 - ``..., rescore 2``: candidates at twice the budget from the cached reading, the budget picked among them by one
   more draft pass without the cache over their text and the question (:attr:`draft_rag.SpecPC.rescore_factor`):
   what encoding the documents apart cost, read back together.
@@ -105,6 +109,9 @@ VARIANTS: dict[str, Variant] = {
     "cached, heads mean": Variant({"reduction": "mean"}, cache=True),
     "cached, question observers, heads mean": Variant({"observe_from": "question", "reduction": "mean"}, cache=True),
     "cached, observers mean": Variant({"observer_reduction": "mean"}, cache=True),
+    "cached, recompute 2": Variant({"recompute_factor": 2}, cache=True),
+    "cached, question observers, recompute 2": Variant({"observe_from": "question", "recompute_factor": 2},
+                                                        cache=True),
 }
 
 SMOKE = {"tasks": ["niah_multikey", "two_hop"], "length": 2000, "budgets": [64, 128], "samples": 1,

@@ -15,8 +15,9 @@ def check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(msg)
 
 
-def check_rescore_factor(name: str, value: int) -> None:
-    """Raise unless ``value`` (an integer >= 0, already checked) is a usable SpecPC ``rescore_factor``: 0 or >= 2."""
+def check_candidate_factor(name: str, value: int) -> None:
+    """Raise unless ``value`` (an integer >= 0, already checked) is a usable SpecPC ``rescore_factor`` or
+    ``recompute_factor``: 0 or >= 2."""
     if value == 1:
         msg = (f"{name} must be 0 (off) or at least 2 (candidates at that multiple of the budget, read again by the "
                "draft), got 1: candidates of the budget itself leave nothing to choose.")

@@ -249,3 +249,23 @@ def test_specpc_cached_question_rescore_shares_the_cached_pass_and_reads_its_can
     assert len(encodings) == len(sample.documents) + 1
     assert 64 < second < sum(encodings)
     assert rescored.compress_s > 0 and plain.compress_s > 0
+
+
+def test_specpc_cached_question_recompute_shares_the_cached_pass_and_recomputes_its_candidates(tiny_pair, draft_calls):
+    name, reference = "specpc-cached-question-recompute", "specpc-cached-question"
+    methods = _methods(tiny_pair, reference, name)
+    assert methods[name].settings["recompute_factor"] == 2
+    assert {k: v for k, v in methods[name].settings.items() if k != "recompute_factor"} == {
+        k: v for k, v in methods[reference].settings.items() if k != "recompute_factor"}
+    assert methods[name].warm is not None
+    sample = _sample(tiny_pair[1])
+    plain = methods[reference].run(sample, 64)
+    draft_calls.clear()
+    recomputed = methods[name].run(sample, 64)
+    assert recomputed.context_tokens <= 64
+    # Its own cache is warmed (the prefix, then each document), the first pass is specpc-cached-question's (shared),
+    # then the candidates (at most twice the budget, in draft tokens) run again over the cache, then the question.
+    *encodings, candidates, question = draft_calls
+    assert len(encodings) == len(sample.documents) + 1
+    assert 64 <= candidates <= 2 * 64 and question < 64
+    assert recomputed.compress_s > 0 and plain.compress_s > 0

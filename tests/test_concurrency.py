@@ -86,18 +86,24 @@ def test_specpc_and_speckv_sharing_a_draft_match_sequential_results(shared_draft
     assert run_in_threads(jobs * 2) == expected * 2
 
 
-def test_rescoring_over_a_shared_draft_cache_matches_sequential_results(shared_draft):
+def test_rescoring_and_recomputing_over_a_shared_draft_cache_match_sequential_results(shared_draft):
     from draft_rag import DraftCache
 
     cache = DraftCache()
     settings = dict(window_size=8, kernel_size=5, neighbor_tokens=6, starting_layer_index=1, cache=cache)
     rescoring = SpecPC(draft=shared_draft, budget=16, rescore_factor=2, **settings)
     question = SpecPC(draft=shared_draft, budget=16, rescore_factor=3, observe_from="question", **settings)
+    recomputing = SpecPC(draft=shared_draft, budget=16, recompute_factor=2, **settings)
+    recomputing_question = SpecPC(draft=shared_draft, budget=12, recompute_factor=3, observe_from="question",
+                                  **settings)
     jobs = [
         lambda: rescoring.compress(QUERY, DOCS).texts,
         lambda: rescoring.compress(QUERY, DOCS[::-1]).texts,
         lambda: question.compress(QUERY, DOCS).texts,
         lambda: question.compress("Which fox jumps?", DOCS).texts,
+        lambda: recomputing.compress(QUERY, DOCS).texts,
+        lambda: recomputing.compress(QUERY, DOCS[::-1]).texts,
+        lambda: recomputing_question.compress("Which fox jumps?", DOCS).texts,
     ]
     expected = [job() for job in jobs]
     cache.clear()  # the threads encode the documents again, racing for the same entries

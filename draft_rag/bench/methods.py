@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 PROMPT_METHODS = (
     "full", "specpc", "specpc-cached", "specpc-2pass", "specpc-lookahead", "specpc-question",
-    "specpc-cached-question", "specpc-cached-question-lookahead", "specpc-cached-question-rescore", "specpc-paper",
+    "specpc-cached-question", "specpc-cached-question-lookahead", "specpc-cached-question-rescore",
+    "specpc-cached-question-recompute", "specpc-paper",
     "snapkv-pc", "truncate",
     "embedding", "llmlingua",
 )
@@ -77,6 +78,12 @@ SPECPC_QUESTION_LOOKAHEAD_SETTINGS: dict[str, Any] = {**SPECPC_QUESTION_SETTINGS
 # documents are read together again (draft_rag.specpc.rescore). Its first pass is specpc-cached-question's, so the
 # bench shares it.
 SPECPC_QUESTION_RESCORE_SETTINGS: dict[str, Any] = {**SPECPC_QUESTION_SETTINGS, "rescore_factor": 2}
+
+
+# Over a warm draft cache (specpc-cached-question-recompute): the gateway's reading picks candidates at twice the
+# budget, their draft K/V are computed again in context over the cache (draft_rag.draft_cache.recompute) and the
+# question reads once more, picking the budget among them. Its first pass is specpc-cached-question's too.
+SPECPC_QUESTION_RECOMPUTE_SETTINGS: dict[str, Any] = {**SPECPC_QUESTION_SETTINGS, "recompute_factor": 2}
 
 
 # SpecPC with the paper's selection, before the refinements adopted on the tuning seed: 64-token max-pooling and
@@ -331,7 +338,8 @@ def _make(
                 "specpc-lookahead": SPECPC_LOOKAHEAD_SETTINGS, "specpc-question": SPECPC_QUESTION_SETTINGS,
                 "specpc-cached-question": SPECPC_QUESTION_SETTINGS,
                 "specpc-cached-question-lookahead": SPECPC_QUESTION_LOOKAHEAD_SETTINGS,
-                "specpc-cached-question-rescore": SPECPC_QUESTION_RESCORE_SETTINGS}
+                "specpc-cached-question-rescore": SPECPC_QUESTION_RESCORE_SETTINGS,
+                "specpc-cached-question-recompute": SPECPC_QUESTION_RECOMPUTE_SETTINGS}
     cache = DraftCache() if name.startswith("specpc-cached") else None
     specpc = SpecPC(draft=draft, target_tokenizer=tokenizer, progress=False, cache=cache,
                     **{**specpc_settings, **variants.get(name, {})})

@@ -162,7 +162,8 @@ def latency_table(rows: Sequence[Mapping[str, Any]], length: int) -> str:
 
 
 SPECPC_VARIANTS = ("specpc-cached", "specpc-2pass", "specpc-lookahead", "specpc-question", "specpc-cached-question",
-                   "specpc-cached-question-lookahead", "specpc-cached-question-rescore")
+                   "specpc-cached-question-lookahead", "specpc-cached-question-rescore",
+                   "specpc-cached-question-recompute")
 """SpecPC's variants, each compared with SpecPC itself (and the embedding filter) rather than SpecPC with them."""
 PAIRED_REFERENCES = {
     "specpc": tuple(m for m in METHODS if m not in KV_METHODS and m not in SPECPC_VARIANTS),
@@ -270,8 +271,8 @@ def write_summary(
             "",
             "Each row pairs SpecPC (or SpecKV) with another method at the same budget (or with `full`), or a "
             "SpecPC variant (`specpc-cached`, `specpc-2pass`, `specpc-lookahead`, `specpc-question`, "
-            "`specpc-cached-question`, `specpc-cached-question-lookahead`, `specpc-cached-question-rescore`) with "
-            "SpecPC "
+            "`specpc-cached-question`, `specpc-cached-question-lookahead`, `specpc-cached-question-rescore`, "
+            "`specpc-cached-question-recompute`) with SpecPC "
             "and the embedding filter, on the samples both answered: how often the first scored higher, equal or "
             "lower, and the mean difference in accuracy points with a 95% bootstrap interval over those pairs. An "
             "interval that excludes 0 separates the two methods on these tasks; one that includes 0 does not.",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from draft_rag.checks import check_rescore_factor
+from draft_rag.checks import check_candidate_factor
 from draft_rag.models import DEFAULT_DRAFT
 from draft_rag.specpc import OBSERVE_FROM
 
@@ -126,7 +126,7 @@ class GatewaySettings:
         if self.lookahead_tokens is not None:
             _check_int("lookahead_tokens", self.lookahead_tokens, 1)
         _check_int("rescore_factor", self.rescore_factor, 0)
-        check_rescore_factor("rescore_factor", self.rescore_factor)
+        check_candidate_factor("rescore_factor", self.rescore_factor)
         if self.observe_from not in OBSERVE_FROM:
             msg = f"observe_from must be one of {', '.join(map(repr, OBSERVE_FROM))}, got {self.observe_from!r}."
             raise ValueError(msg)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from draft_rag.models import DEFAULT_DRAFT, LoadedModel, load_model
 from draft_rag.specpc.draft_pass import score_prompt
 from draft_rag.specpc.prompt import _cache_chunks, _check_documents, _check_inputs, _check_length, _count, _DraftPrompt
-from draft_rag.specpc.selection import fit_to_budget, pool_context, selection_order
+from draft_rag.specpc.selection import candidate_positions, fit_to_budget, pool_context, selection_order
 from draft_rag.specpc.text import ELISION_MARKER, join_spans, snap_spans
 
 if TYPE_CHECKING:
@@ -47,10 +47,10 @@ OBSERVE_FROM = ("window", "question")
 """The values of :attr:`SpecPC.observe_from`: where the observing prompt positions start."""
 
 SELECTION_SETTINGS = frozenset({"budget", "pool", "kernel_size", "neighbor_tokens", "document_boundaries",
-                                "elision_marker", "rescore_factor"})
+                                "elision_marker", "rescore_factor", "recompute_factor"})
 """SpecPC settings that act only after the draft pass: two SpecPCs that differ only in these read a text
 alike, so the :class:`ContextScores` of one can be passed to the other's :meth:`SpecPC.select`
-(``rescore_factor``'s second pass runs in :meth:`SpecPC.select`)."""
+(``rescore_factor``'s and ``recompute_factor``'s second pass runs in :meth:`SpecPC.select`)."""
 
 _NOT_KNOBS = frozenset({"draft", "budget", "target_tokenizer", "device", "dtype", "progress", "cache",
                         "observer_block_size"})
@@ -198,9 +198,16 @@ class SpecPC:
             one prefill without the ``cache`` (:mod:`draft_rag.specpc.rescore`), and select the budget from
             that reading, which sees the candidates together as a prefill without the cache would. It costs a
             draft pass over about ``k x budget`` tokens per compression. On the benchmark's book questions, 2
-            over a warm cache kept the gold answer in the text as often as SpecPC without a cache on the
+            over a warm cache kept the gold answer in the text nearly as often as SpecPC without a cache on the
             questions it was chosen on, but the target's answers gained little over the cached reading alone
             (see the benchmark's results, "Real documents"), so it is off by default.
+        recompute_factor: ``0`` (default): select from the draft pass. ``k >= 2``, with a ``cache``: select
+            ``k x budget`` tokens of candidates from it, compute the candidates' draft K/V again in context (each
+            attends to every document before it, not only to its own:
+            :mod:`draft_rag.draft_cache.recompute`), let the observers read once more over that cache, and select
+            the budget among the candidates from that reading. It costs a draft forward over the ``k x budget``
+            candidates per compression. Without a ``cache`` there is nothing to recompute and it does nothing.
+            Use at most one of ``rescore_factor`` and ``recompute_factor``.
         device, dtype: where and how to run the draft (default CUDA when available, in bf16 where the GPU has
             it natively, else fp16; else the CPU, in bf16 where it has native bf16, else fp32).
         progress: show a progress bar over the prefill (None: only on a terminal).
@@ -238,6 +245,7 @@ class SpecPC:
     observer_block_size: int | None = None
     elision_marker: str = ELISION_MARKER
     rescore_factor: int = 0
+    recompute_factor: int = 0
     device: str | None = None
     dtype: Any = None
     progress: bool | None = None
@@ -246,14 +254,19 @@ class SpecPC:
     _counter: PreTrainedTokenizerBase | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from draft_rag.checks import check_int, check_rescore_factor, check_text
+        from draft_rag.checks import check_candidate_factor, check_int, check_text
 
         minimums = {"budget": 1, "window_size": 1, "kernel_size": 1, "neighbor_tokens": 1, "chunk_size": 1,
-                    "lookahead_tokens": 0, "starting_layer_index": 0, "rescore_factor": 0}
+                    "lookahead_tokens": 0, "starting_layer_index": 0, "rescore_factor": 0, "recompute_factor": 0}
         for name, minimum in minimums.items():
             check_int(f"SpecPC {name}", getattr(self, name), minimum)
             setattr(self, name, int(getattr(self, name)))
-        check_rescore_factor("SpecPC rescore_factor", self.rescore_factor)
+        check_candidate_factor("SpecPC rescore_factor", self.rescore_factor)
+        check_candidate_factor("SpecPC recompute_factor", self.recompute_factor)
+        if self.rescore_factor and self.recompute_factor:
+            msg = (f"SpecPC rescore_factor={self.rescore_factor} and recompute_factor={self.recompute_factor} are two "
+                   "ways to read the candidates again; set one of them and leave the other 0.")
+            raise ValueError(msg)
         if self.observer_block_size is not None:
             check_int("SpecPC observer_block_size", self.observer_block_size, 1)
             self.observer_block_size = int(self.observer_block_size)
@@ -354,8 +367,10 @@ class SpecPC:
             kept = [_unchanged(doc, n) for doc, n in zip(context.documents, originals)]
         elif context.prompt is None or context.scores is None:  # every document blank: nothing was scored
             kept = [_blank(n) for n in originals]
-        elif self.rescore_factor and sum(originals) > budget:
+        elif self.rescore_factor:
             kept = self._rescored(context, context.prompt, context.scores, budget)
+        elif self.recompute_factor and self.cache is not None:
+            kept = self._recomputed(context, context.prompt, context.scores, budget)
         else:
             kept = self._fit_budget(context.prompt, context.scores, self._loaded()[1], originals, budget)
         return CompressionResult(
@@ -404,11 +419,12 @@ class SpecPC:
                        chunk_size=self.chunk_size, progress=self.progress)
 
     def _score_context(
-        self, draft: LoadedModel, prompt: _DraftPrompt, *, cached: bool = True
+        self, draft: LoadedModel, prompt: _DraftPrompt, *, cached: bool = True, recompute: Sequence[int] = ()
     ) -> tuple[torch.Tensor, list[int]]:
         """Draft attention score of every prompt position ``[n]`` (not pooled), and the lookahead tokens generated:
         the draft pass (:func:`~draft_rag.specpc.draft_pass.score_prompt`) with the observers, layers and
-        reductions of this instance's settings, over the ``cache`` unless ``cached`` is False."""
+        reductions of this instance's settings, over the ``cache`` unless ``cached`` is False, with the cached
+        positions among ``recompute`` computed again in context first."""
         from draft_rag.hf import check_supported
         from draft_rag.scoring import ScoreReduction
 
@@ -423,7 +439,22 @@ class SpecPC:
                                    window if self.ramp_window_only else None)
         return score_prompt(draft, prompt, window, extra, reduction, range(first_layer, num_layers),
                             cache=self.cache if cached else None, chunk_size=self.chunk_size, progress=self.progress,
-                            observer_block_size=self.observer_block_size)
+                            observer_block_size=self.observer_block_size, recompute=recompute)
+
+    def _recomputed(
+        self, context: ContextScores, prompt: _DraftPrompt, scores: torch.Tensor, budget: int
+    ) -> list[CompressedDocument]:
+        """The documents selected, among the candidates that ``scores`` give at :attr:`recompute_factor` times
+        ``budget``, from a draft pass over the cache with the candidates' K/V recomputed in context."""
+        import torch
+
+        draft, counter = self._loaded()
+        candidates = candidate_positions(prompt, scores, self.recompute_factor * budget, self.kernel_size, self.pool,
+                                         self.neighbor_tokens, self.document_boundaries)
+        rescored, _ = self._score_context(draft, prompt, recompute=candidates)
+        within = torch.zeros(len(prompt.input_ids), dtype=torch.bool)
+        within[candidates] = True
+        return self._fit_budget(prompt, rescored, counter, context.original_tokens, budget, within)
 
     def _rescored(
         self, context: ContextScores, prompt: _DraftPrompt, scores: torch.Tensor, budget: int

@@ -34,6 +34,7 @@ def score_prompt(
     chunk_size: int,
     progress: bool | None,
     observer_block_size: int | None = None,
+    recompute: Sequence[int] = (),
 ) -> tuple[torch.Tensor, list[int]]:
     """Draft attention score of every prompt position ``[n]`` (not pooled), and the lookahead tokens generated.
 
@@ -41,7 +42,9 @@ def score_prompt(
     :class:`~draft_rag.scoring.ObserverScores`, then generates up to ``lookahead`` greedy tokens; the observers
     are the last ``window`` prompt positions and those tokens. Scores are reduced over heads and observers
     (``reduction``), then ``max`` over ``layers``. With a draft ``cache``, the documents' cached K/V stand in
-    for the prefill before the window. ``progress`` shows a bar over the prefill (None: only on a terminal).
+    for the prefill before the window, and the cached positions among ``recompute`` (increasing) are first computed
+    again in context (:func:`~draft_rag.draft_cache.recompute.recompute_in_context`; the window's own positions
+    run below anyway). ``progress`` shows a bar over the prefill (None: only on a terminal).
     ``observer_block_size``: observer rows scored at once (None: the scoring's default).
     """
     import torch
@@ -59,6 +62,12 @@ def score_prompt(
     if cache is not None:  # the cached documents up to the window; only the rest runs below
         prefix_ids, chunks = prompt.cache_chunks()
         past = cache.context(draft, prefix_ids, chunks, n - window, chunk_size=chunk_size, progress=progress)
+        if recompute:
+            from draft_rag.draft_cache.recompute import recompute_in_context
+
+            cached = past.get_seq_length()
+            with draft.lock:  # apart from the window's pass below: the scoring hooks watch that one only
+                past = recompute_in_context(model, past, prompt.input_ids, [p for p in recompute if p < cached])
     start = 0 if past is None else past.get_seq_length()
     with draft.lock, scorer, tqdm(total=n - start, desc="SpecPC draft prefill", unit="tok",
                                   disable=None if progress is None else not progress) as bar:

@@ -104,6 +104,23 @@ def selection_order(
     return picked[:limit]
 
 
+def candidate_positions(
+    prompt: _DraftPrompt,
+    scores: torch.Tensor,
+    limit: int,
+    kernel_size: int,
+    pool: Pool,
+    neighbor_tokens: int,
+    document_boundaries: bool,
+) -> list[int]:
+    """The prompt positions, increasing, of the first ``limit`` document tokens that the selection keeps from
+    ``scores`` (pooled and with neighbourhoods as SpecPC's settings say): the candidates a second reading
+    chooses among."""
+    context_scores, segments = pool_context(prompt, scores, kernel_size, pool, document_boundaries)
+    order = selection_order(context_scores, limit, neighbor_tokens, segments)
+    return sorted(prompt.context_positions()[order].tolist())
+
+
 def fit_to_budget(
     build: Callable[[int], list[CompressedDocument]], budget: int
 ) -> list[CompressedDocument]:

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="0: select from the draft's reading over the cache (0); K >= 2: candidates at K x the "
                              "budget, read again by the draft without the cache (closer to reading the documents "
                              "together, slower: a draft pass over about K x budget tokens per request)")
+    parser.add_argument("--recompute-factor", type=int, default=GatewaySettings.recompute_factor, metavar="K",
+                        help="0: select from the draft's reading over the cache (0); K >= 2: candidates at K x the "
+                             "budget, their draft K/V computed again in context over the cache, then read again "
+                             "(slower: a draft forward over K x budget tokens per request); not with "
+                             "--rescore-factor")
     parser.add_argument("--draft", default=DEFAULT_DRAFT,
                         help=f"SpecPC's (and in engine mode SpecKV's) draft model name, id or path ({DEFAULT_DRAFT})")
     parser.add_argument("--dtype", default=None,
@@ -100,7 +105,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         given["upstream_api_key"] = os.environ[UPSTREAM_API_KEY_ENV]
     settings = GatewaySettings(
         upstream=args.upstream, target=args.target, host=args.host, port=args.port, budget=args.budget,
-        observe_from=args.observe_from, rescore_factor=args.rescore_factor, draft=args.draft, dtype=args.dtype,
+        observe_from=args.observe_from, rescore_factor=args.rescore_factor,
+        recompute_factor=args.recompute_factor, draft=args.draft, dtype=args.dtype,
         device=args.device,
         cache_dir=args.cache_dir, workers=args.workers,
         api_key=args.api_key, max_request_bytes=args.max_request_bytes, queue_size=args.queue_size, **given,

@@ -139,7 +139,8 @@ def build_specpc(settings: GatewaySettings) -> SpecPC:
 
     return SpecPC(
         draft=settings.draft, budget=settings.budget, observe_from=settings.observe_from,
-        rescore_factor=settings.rescore_factor, target_tokenizer=settings.target_tokenizer,
+        rescore_factor=settings.rescore_factor, recompute_factor=settings.recompute_factor,
+        target_tokenizer=settings.target_tokenizer,
         dtype=settings.dtype, device=settings.device, progress=False, cache=DraftCache(directory=settings.cache_dir),
     )
 

@@ -52,6 +52,10 @@ class GatewaySettings:
             candidates at ``k`` times the budget from it, and the budget among them from one more draft pass over
             their text, without the cache (:attr:`draft_rag.SpecPC.rescore_factor`): closer to reading the
             documents together, for a draft pass over about ``k`` times the budget per request.
+        recompute_factor: ``0`` (default): as above. ``k >= 2``: pick candidates at ``k`` times the budget, compute
+            their draft K/V again in context over the cache and let the question read once more, picking the budget
+            among them (:attr:`draft_rag.SpecPC.recompute_factor`): the documents before each candidate are read
+            with it, for a draft forward over ``k`` times the budget per request. At most one of the two factors.
         draft: SpecPC's draft model (and in engine mode SpecKV's): a packaged name, a Hugging Face id or path, or
             a ``.gguf`` file.
         dtype, device: how and where the draft (and in engine mode the target) runs (default: the library's
@@ -90,6 +94,7 @@ class GatewaySettings:
     budget: int = 1024
     observe_from: str = "question"
     rescore_factor: int = 0
+    recompute_factor: int = 0
     draft: str = DEFAULT_DRAFT
     dtype: str | None = None
     device: str | None = None
@@ -125,8 +130,14 @@ class GatewaySettings:
             _check_int(name, getattr(self, name), minimum)
         if self.lookahead_tokens is not None:
             _check_int("lookahead_tokens", self.lookahead_tokens, 1)
-        _check_int("rescore_factor", self.rescore_factor, 0)
-        check_candidate_factor("rescore_factor", self.rescore_factor)
+        for name in ("rescore_factor", "recompute_factor"):
+            _check_int(name, getattr(self, name), 0)
+            check_candidate_factor(name, getattr(self, name))
+        if self.rescore_factor and self.recompute_factor:
+            msg = (f"rescore_factor={self.rescore_factor} and recompute_factor={self.recompute_factor} are two ways to "
+                   "read the candidates again; set one of them (--rescore-factor or --recompute-factor) and leave "
+                   "the other 0.")
+            raise ValueError(msg)
         if self.observe_from not in OBSERVE_FROM:
             msg = f"observe_from must be one of {', '.join(map(repr, OBSERVE_FROM))}, got {self.observe_from!r}."
             raise ValueError(msg)

@@ -67,7 +67,7 @@ def test_options_become_settings(monkeypatch):
     monkeypatch.setattr("uvicorn.run", lambda app, **options: calls.append((app, options)))
     monkeypatch.setattr("draft_rag.serve.app.create_app", lambda settings: settings)
     assert main(["serve", "--upstream", "http://10.0.0.5:8000/v1/", "--host", "0.0.0.0", "--port", "9000",
-                 "--budget", "512", "--observe-from", "window", "--rescore-factor", "3", "--draft", "some/draft",
+                 "--budget", "512", "--observe-from", "window", "--recompute-factor", "3", "--draft", "some/draft",
                  "--cache-dir", "/tmp/c",
                  "--target-tokenizer", "some/tok",
                  "--max-request-bytes", "1000", "--queue-size", "3", "--connect-timeout", "2", "--read-timeout", "30",
@@ -75,7 +75,7 @@ def test_options_become_settings(monkeypatch):
     [(settings, options)] = calls
     assert settings == GatewaySettings(
         upstream="http://10.0.0.5:8000/v1", host="0.0.0.0", port=9000, budget=512, observe_from="window",
-        rescore_factor=3, draft="some/draft",
+        recompute_factor=3, draft="some/draft",
         cache_dir="/tmp/c", target_tokenizer="some/tok", max_request_bytes=1000, queue_size=3, connect_timeout=2.0,
         read_timeout=30.0)
     assert (options["host"], options["port"], options["log_level"]) == ("0.0.0.0", 9000, "warning")
@@ -111,17 +111,26 @@ def test_observe_from_reaches_specpc_and_a_bad_value_names_the_setting(capsys, m
         GatewaySettings(upstream="http://x/v1", observe_from="last")
 
 
-def test_rescore_factor_reaches_specpc_and_a_bad_value_names_the_setting():
+@pytest.mark.parametrize("name", ["rescore_factor", "recompute_factor"])
+def test_candidate_factors_reach_specpc_and_a_bad_value_names_the_setting(name):
     from draft_rag.serve.app import build_specpc
 
-    assert build_specpc(GatewaySettings(upstream="http://x/v1")).rescore_factor == 0
-    assert build_specpc(GatewaySettings(upstream="http://x/v1", rescore_factor=2)).rescore_factor == 2
-    with pytest.raises(ValueError, match="rescore_factor must be 0 .off. or at least 2"):
-        GatewaySettings(upstream="http://x/v1", rescore_factor=1)
-    with pytest.raises(ValueError, match="rescore_factor must be >= 0, got -1"):
-        GatewaySettings(upstream="http://x/v1", rescore_factor=-1)
-    with pytest.raises(TypeError, match="rescore_factor must be an integer"):
-        GatewaySettings(upstream="http://x/v1", rescore_factor=2.0)  # type: ignore[arg-type]
+    assert getattr(build_specpc(GatewaySettings(upstream="http://x/v1")), name) == 0
+    assert getattr(build_specpc(GatewaySettings(upstream="http://x/v1", **{name: 2})), name) == 2
+    with pytest.raises(ValueError, match=f"{name} must be 0 .off. or at least 2"):
+        GatewaySettings(upstream="http://x/v1", **{name: 1})
+    with pytest.raises(ValueError, match=f"{name} must be >= 0, got -1"):
+        GatewaySettings(upstream="http://x/v1", **{name: -1})
+    with pytest.raises(TypeError, match=f"{name} must be an integer"):
+        GatewaySettings(upstream="http://x/v1", **{name: 2.0})
+
+
+def test_the_two_candidate_factors_are_refused_together(capsys, monkeypatch):
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: pytest.fail("the server must not start"))
+    with pytest.raises(ValueError, match="--rescore-factor or --recompute-factor"):
+        GatewaySettings(upstream="http://x/v1", rescore_factor=2, recompute_factor=2)
+    assert main(["serve", "--upstream", "http://x/v1", "--rescore-factor", "2", "--recompute-factor", "3"]) == 2
+    assert "set one of them (--rescore-factor or --recompute-factor)" in capsys.readouterr().err
 
 
 def test_settings_travel_to_workers_as_json(monkeypatch):

@@ -231,41 +231,40 @@ def test_specpc_2pass_shares_the_first_pass_with_specpc_and_lets_the_draft_answe
     assert len(draft_calls) - len(long_reads) <= 32 and len(long_reads) == (2 if answer else 1)
 
 
-def test_specpc_cached_question_rescore_shares_the_cached_pass_and_reads_its_candidates_again(tiny_pair, draft_calls):
-    name, reference = "specpc-cached-question-rescore", "specpc-cached-question"
+def _after_the_cached_question_pass(tiny_pair, draft_calls, name, knob):
+    """Runs ``name`` (specpc-cached-question with ``knob`` = 2) at budget 64 after specpc-cached-question on the same
+    sample, and returns the sample and the draft's forward calls of that run (the shared first pass not among
+    them)."""
+    reference = "specpc-cached-question"
     methods = _methods(tiny_pair, reference, name)
-    assert methods[name].settings["rescore_factor"] == 2
-    assert {k: v for k, v in methods[name].settings.items() if k != "rescore_factor"} == {
-        k: v for k, v in methods[reference].settings.items() if k != "rescore_factor"}
+    assert methods[name].settings[knob] == 2
+    assert {k: v for k, v in methods[name].settings.items() if k != knob} == {
+        k: v for k, v in methods[reference].settings.items() if k != knob}
     assert methods[name].warm is not None
     sample = _sample(tiny_pair[1])
     plain = methods[reference].run(sample, 64)
     draft_calls.clear()
-    rescored = methods[name].run(sample, 64)
-    assert rescored.context_tokens <= 64
+    outcome = methods[name].run(sample, 64)
+    assert outcome.context_tokens <= 64
+    assert outcome.compress_s > 0 and plain.compress_s > 0
+    return sample, list(draft_calls)
+
+
+def test_specpc_cached_question_rescore_shares_the_cached_pass_and_reads_its_candidates_again(tiny_pair, draft_calls):
+    sample, calls = _after_the_cached_question_pass(tiny_pair, draft_calls, "specpc-cached-question-rescore",
+                                                    "rescore_factor")
     # Its own cache is warmed (the prefix, then each document), the first pass is specpc-cached-question's (shared),
     # and one more draft pass reads the candidates (at most twice the budget) with the question, without the cache.
-    *encodings, second = draft_calls
+    *encodings, second = calls
     assert len(encodings) == len(sample.documents) + 1
     assert 64 < second < sum(encodings)
-    assert rescored.compress_s > 0 and plain.compress_s > 0
 
 
 def test_specpc_cached_question_recompute_shares_the_cached_pass_and_recomputes_its_candidates(tiny_pair, draft_calls):
-    name, reference = "specpc-cached-question-recompute", "specpc-cached-question"
-    methods = _methods(tiny_pair, reference, name)
-    assert methods[name].settings["recompute_factor"] == 2
-    assert {k: v for k, v in methods[name].settings.items() if k != "recompute_factor"} == {
-        k: v for k, v in methods[reference].settings.items() if k != "recompute_factor"}
-    assert methods[name].warm is not None
-    sample = _sample(tiny_pair[1])
-    plain = methods[reference].run(sample, 64)
-    draft_calls.clear()
-    recomputed = methods[name].run(sample, 64)
-    assert recomputed.context_tokens <= 64
+    sample, calls = _after_the_cached_question_pass(tiny_pair, draft_calls, "specpc-cached-question-recompute",
+                                                    "recompute_factor")
     # Its own cache is warmed (the prefix, then each document), the first pass is specpc-cached-question's (shared),
     # then the candidates (at most twice the budget, in draft tokens) run again over the cache, then the question.
-    *encodings, candidates, question = draft_calls
+    *encodings, candidates, question = calls
     assert len(encodings) == len(sample.documents) + 1
     assert 64 <= candidates <= 2 * 64 and question < 64
-    assert recomputed.compress_s > 0 and plain.compress_s > 0

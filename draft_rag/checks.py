@@ -15,12 +15,18 @@ def check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(msg)
 
 
-def check_candidate_factor(name: str, value: int) -> None:
-    """Raise unless ``value`` (an integer >= 0, already checked) is a usable SpecPC ``rescore_factor`` or
-    ``recompute_factor``: 0 or >= 2."""
-    if value == 1:
-        msg = (f"{name} must be 0 (off) or at least 2 (candidates at that multiple of the budget, read again by the "
-               "draft), got 1: candidates of the budget itself leave nothing to choose.")
+def check_candidate_factors(rescore_factor: int, recompute_factor: int, *, owner: str = "", how: str = "") -> None:
+    """Raise unless SpecPC's ``rescore_factor`` and ``recompute_factor`` (integers >= 0, already checked) can be used
+    together: each 0 or >= 2, and at most one of them set. ``owner`` starts each name in the messages (``"SpecPC "``);
+    ``how`` says where they are set (e.g. the command-line options), after "set one of them"."""
+    for name, value in (("rescore_factor", rescore_factor), ("recompute_factor", recompute_factor)):
+        if value == 1:
+            msg = (f"{owner}{name} must be 0 (off) or at least 2 (candidates at that multiple of the budget, read "
+                   "again by the draft), got 1: candidates of the budget itself leave nothing to choose.")
+            raise ValueError(msg)
+    if rescore_factor and recompute_factor:
+        msg = (f"{owner}rescore_factor={rescore_factor} and recompute_factor={recompute_factor} are two ways to read "
+               f"the candidates again; set one of them{how} and leave the other 0.")
         raise ValueError(msg)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from draft_rag.checks import check_candidate_factor
+from draft_rag.checks import check_candidate_factors
 from draft_rag.models import DEFAULT_DRAFT
 from draft_rag.specpc import OBSERVE_FROM
 
@@ -132,12 +132,8 @@ class GatewaySettings:
             _check_int("lookahead_tokens", self.lookahead_tokens, 1)
         for name in ("rescore_factor", "recompute_factor"):
             _check_int(name, getattr(self, name), 0)
-            check_candidate_factor(name, getattr(self, name))
-        if self.rescore_factor and self.recompute_factor:
-            msg = (f"rescore_factor={self.rescore_factor} and recompute_factor={self.recompute_factor} are two ways to "
-                   "read the candidates again; set one of them (--rescore-factor or --recompute-factor) and leave "
-                   "the other 0.")
-            raise ValueError(msg)
+        check_candidate_factors(self.rescore_factor, self.recompute_factor,
+                                how=" (--rescore-factor or --recompute-factor)")
         if self.observe_from not in OBSERVE_FROM:
             msg = f"observe_from must be one of {', '.join(map(repr, OBSERVE_FROM))}, got {self.observe_from!r}."
             raise ValueError(msg)

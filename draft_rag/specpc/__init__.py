@@ -257,19 +257,14 @@ class SpecPC:
     _counter: PreTrainedTokenizerBase | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from draft_rag.checks import check_candidate_factor, check_int, check_text
+        from draft_rag.checks import check_candidate_factors, check_int, check_text
 
         minimums = {"budget": 1, "window_size": 1, "kernel_size": 1, "neighbor_tokens": 1, "chunk_size": 1,
                     "lookahead_tokens": 0, "starting_layer_index": 0, "rescore_factor": 0, "recompute_factor": 0}
         for name, minimum in minimums.items():
             check_int(f"SpecPC {name}", getattr(self, name), minimum)
             setattr(self, name, int(getattr(self, name)))
-        check_candidate_factor("SpecPC rescore_factor", self.rescore_factor)
-        check_candidate_factor("SpecPC recompute_factor", self.recompute_factor)
-        if self.rescore_factor and self.recompute_factor:
-            msg = (f"SpecPC rescore_factor={self.rescore_factor} and recompute_factor={self.recompute_factor} are two "
-                   "ways to read the candidates again; set one of them and leave the other 0.")
-            raise ValueError(msg)
+        check_candidate_factors(self.rescore_factor, self.recompute_factor, owner="SpecPC ")
         if self.observer_block_size is not None:
             check_int("SpecPC observer_block_size", self.observer_block_size, 1)
             self.observer_block_size = int(self.observer_block_size)

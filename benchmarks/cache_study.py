@@ -43,7 +43,9 @@ def study_sample(draft: Any, tokenizer: Any, sample: Any, budget: int) -> dict[s
         result = pc.compress(sample.question, sample.documents)
         return time.perf_counter() - started, result
 
-    settings: dict[str, Any] = {"draft": draft, "budget": budget, "target_tokenizer": tokenizer, "progress": False}
+    # The same observers with and without the cache (SpecPC's "auto" would switch them), so only the cache differs.
+    settings: dict[str, Any] = {"draft": draft, "budget": budget, "target_tokenizer": tokenizer, "progress": False,
+                                "observe_from": "window"}
     uncached_s, uncached = run(SpecPC(**settings))
     cache = DraftCache()
     cached_pc = SpecPC(**settings, cache=cache)

@@ -129,7 +129,8 @@ def specpc_rows(draft: LoadedModel, sample: Any, budget: int, device: str) -> li
     from draft_rag import DraftCache, SpecPC
 
     uncached = SpecPC(draft=draft, budget=budget, progress=False)
-    cached = SpecPC(draft=draft, budget=budget, progress=False, cache=DraftCache(max_bytes=8 << 30))
+    cached = SpecPC(draft=draft, budget=budget, progress=False, cache=DraftCache(max_bytes=8 << 30),
+                    observe_from="window")  # the uncached reading's observers, so only the cache differs
     steps = {
         "uncached": lambda: uncached.compress(sample.question, sample.documents),
         "encode documents": lambda: cached.warm(sample.documents),

@@ -69,7 +69,8 @@ class Variant:
     """One way to compress: SpecPC settings, over a warm draft cache or not, one pass or two.
 
     Attributes:
-        settings: :class:`draft_rag.SpecPC` arguments on top of the defaults.
+        settings: :class:`draft_rag.SpecPC` arguments on top of the defaults, the window observers unless named
+            (``observe_from`` is pinned, so a cached variant reads as it did before SpecPC's ``"auto"``).
         cache: read over a :class:`draft_rag.DraftCache` warmed with the sample's documents.
         first_share: None: one pass; a number: the two-pass selection with that share of the budget for the
             first pass's picks.
@@ -134,7 +135,7 @@ class Readers:
             key = variant.reader()
             if key not in self.specpcs:
                 self.specpcs[key] = SpecPC(draft=draft, progress=False, cache=self.cache if variant.cache else None,
-                                           **{**extra, **variant.settings})
+                                           **{"observe_from": "window", **extra, **variant.settings})
             if variant.first_share is not None and key not in self.two_passes:
                 self.two_passes[key] = TwoPassSpecPC(self.specpcs[key], draft.tokenizer, answer_tokens=answer_tokens)
         self._sample: Sample | None = None

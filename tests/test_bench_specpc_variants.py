@@ -45,7 +45,7 @@ def test_specpc_cached_warms_before_the_compression_and_records_it_apart(tiny_pa
     assert len(draft_calls) == 1 + documents + 1 and draft_calls[-1] < sum(draft_calls[1:-1]) / 2
     assert first.warm_s > 0 and first.compress_s > 0
     alone = SpecPC(draft=draft, budget=64, target_tokenizer=target.tokenizer, progress=False, cache=DraftCache(),
-                   **TINY_SPECPC_SETTINGS)
+                   observe_from="window", **TINY_SPECPC_SETTINGS)  # the method's observers, not "auto"
     alone.warm(sample.documents)
     assert first.context_tokens == alone.compress(sample.question, sample.documents).total_kept_tokens
     # The next budget of the same sample reuses the warm cache and the draft pass, and is charged the same warm time.

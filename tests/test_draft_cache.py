@@ -34,7 +34,9 @@ def smollm3_draft():
 
 
 def make(draft, cache=None, **kwargs):
-    defaults = dict(budget=48, window_size=8, kernel_size=5, neighbor_tokens=6, starting_layer_index=1)
+    # The window observers with and without a cache, unless a test names them ("auto" would switch with the cache).
+    defaults = dict(budget=48, window_size=8, kernel_size=5, neighbor_tokens=6, starting_layer_index=1,
+                    observe_from="window")
     defaults.update(kwargs)
     return SpecPC(draft=draft, cache=cache, **defaults)
 
@@ -58,17 +60,19 @@ def kept_overlap(a, b):
 @pytest.mark.parametrize("arch", ["qwen2", "smollm3"])
 @pytest.mark.parametrize("window_size", [8, 64])
 @pytest.mark.parametrize("lookahead", [1, 3])
-def test_single_document_scores_equal_the_uncached_path(request, arch, window_size, lookahead):
+@pytest.mark.parametrize("observe_from", ["window", "question"])
+def test_single_document_scores_equal_the_uncached_path(request, arch, window_size, lookahead, observe_from):
     draft = request.getfixturevalue("draft" if arch == "qwen2" else "smollm3_draft")
     n = len(_DraftPrompt(draft.tokenizer, QUERY, [LONG_DOC]).input_ids)
     # 8 observers lie inside the question; 64 reach back into the document, so its tail runs fresh.
     assert (n - window_size < question_start(draft, QUERY, [LONG_DOC])) == (window_size == 64)
     cache = DraftCache()
-    cached = make(draft, cache, window_size=window_size, lookahead_tokens=lookahead)
-    plain = make(draft, window_size=window_size, lookahead_tokens=lookahead)
+    same = dict(window_size=window_size, lookahead_tokens=lookahead, observe_from=observe_from)
+    cached, plain = make(draft, cache, **same), make(draft, **same)
     for query in (QUERY, OTHER_QUERY):  # the second query finds the document cached
         got, expected = scores(cached, query, [LONG_DOC]), scores(plain, query, [LONG_DOC])
-        print(f"window {window_size}, lookahead {lookahead}: max score difference {(got - expected).abs().max():.2e}")
+        print(f"{observe_from}, window {window_size}, lookahead {lookahead}: "
+              f"max score difference {(got - expected).abs().max():.2e}")
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
         assert cached.compress(query, [LONG_DOC]).texts == plain.compress(query, [LONG_DOC]).texts
     assert cache.stats.misses == 2  # the prefix and the document, encoded once

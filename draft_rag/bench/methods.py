@@ -62,6 +62,11 @@ SNAPKV_PC_SETTINGS: dict[str, Any] = dict(
 SPECPC_LOOKAHEAD_SETTINGS: dict[str, Any] = dict(lookahead_tokens=32)
 
 
+# SpecPC's window observers (the last 64 prompt positions) over a warm draft cache (specpc-cached): the reading the
+# cache's cost was first measured with; SpecPC's default over a cache is now the question's observers.
+SPECPC_WINDOW_SETTINGS: dict[str, Any] = dict(observe_from="window")
+
+
 # SpecPC whose observers are the question's own tokens (and the template's tail) instead of the last 64 prompt
 # positions, which also hold the last document's tail, whose queries look mostly at their own document; over a
 # warm draft cache (specpc-cached-question) it is the gateway's default reading.
@@ -336,7 +341,7 @@ def _make(
 
     variants = {"specpc-paper": SPECPC_PAPER_SETTINGS, "snapkv-pc": SNAPKV_PC_SETTINGS,
                 "specpc-lookahead": SPECPC_LOOKAHEAD_SETTINGS, "specpc-question": SPECPC_QUESTION_SETTINGS,
-                "specpc-cached-question": SPECPC_QUESTION_SETTINGS,
+                "specpc-cached": SPECPC_WINDOW_SETTINGS, "specpc-cached-question": SPECPC_QUESTION_SETTINGS,
                 "specpc-cached-question-lookahead": SPECPC_QUESTION_LOOKAHEAD_SETTINGS,
                 "specpc-cached-question-rescore": SPECPC_QUESTION_RESCORE_SETTINGS,
                 "specpc-cached-question-recompute": SPECPC_QUESTION_RECOMPUTE_SETTINGS}

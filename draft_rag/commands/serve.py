@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, default=1024,
                         help="tokens of document text kept per request unless it asks otherwise (1024)")
     parser.add_argument("--observe-from", default=GatewaySettings.observe_from, choices=OBSERVE_FROM,
-                        help="which draft queries score the documents: the question's own tokens (question) or "
-                             "the last 64 prompt positions, the last document's tail included (window) (question)")
+                        help="which draft queries score the documents: the question's own tokens (question; auto "
+                             "is the same here, the gateway reads over its cache) or the last 64 prompt positions, "
+                             "the last document's tail included (window) (question)")
     parser.add_argument("--rescore-factor", type=int, default=GatewaySettings.rescore_factor, metavar="K",
                         help="0: select from the draft's reading over the cache (0); K >= 2: candidates at K x the "
                              "budget, read again by the draft without the cache (closer to reading the documents "

@@ -23,7 +23,9 @@ TEXTS = [
     "The word apple is special, and the number 0123456789 is magic. " * 3,
 ]
 # Small windows suit the tiny model and the short texts.
-SPECPC_KWARGS = {"window_size": 8, "kernel_size": 5, "neighbor_tokens": 6, "starting_layer_index": 1}
+# The same observers with a cache and without ("auto" would switch them), so the cached oracle compares like with like.
+SPECPC_KWARGS = {"window_size": 8, "kernel_size": 5, "neighbor_tokens": 6, "starting_layer_index": 1,
+                 "observe_from": "window"}
 KEY = "draft_rag"
 
 

@@ -107,7 +107,7 @@ def test_observe_from_reaches_specpc_and_a_bad_value_names_the_setting(capsys, m
     assert "argument --observe-from: invalid choice: 'answer'" in capsys.readouterr().err
     assert build_specpc(GatewaySettings(upstream="http://x/v1")).observe_from == "question"
     assert build_specpc(GatewaySettings(upstream="http://x/v1", observe_from="window")).observe_from == "window"
-    with pytest.raises(ValueError, match="observe_from must be one of 'window', 'question', got 'last'"):
+    with pytest.raises(ValueError, match="observe_from must be one of 'auto', 'window', 'question', got 'last'"):
         GatewaySettings(upstream="http://x/v1", observe_from="last")
 
 

@@ -182,11 +182,11 @@ class SpecPC:
         observe_from: ``"window"``: the last ``window_size`` prompt positions observe; ``"question"``: the
             observers start at the question instead (its ``Question:`` line and the template's end), so a short
             question is not padded out with the tail of the last document; ``"auto"`` (default): ``"question"``
-            with a ``cache``, else ``"window"``. Over a warm cache the question's observers answered more on the
-            benchmark (seed 0, n = 80: +13.1 / +10.3 / +8.4 points over the window at 256 / 512 / 1024 tokens,
-            every interval above 0; on its book questions as many or more) for less draft work; without a cache
-            the window stays, the setting every uncached benchmark row was made with. :meth:`settings` and
-            :attr:`observers` give the resolved value.
+            with a ``cache``, else ``"window"``. Over a warm cache the question's observers answered more than the
+            window over the same cache on the benchmark (seed 0, n = 80: +12.5 / +8.8 / +2.5 points at 256 / 512 /
+            1024 tokens, the first two intervals above 0; on its 61 book questions 0.0 / 0.0 / +3.3) for less draft
+            work; without a cache the window stays, the setting every uncached benchmark row was made with.
+            :meth:`settings` and :attr:`observers` give the resolved value.
         document_boundaries: pooling and neighbourhoods stop at document edges, so a hit near the end of
             one document neither lifts nor keeps the start of the next (True: chosen on the benchmark's
             tuning seed, where it kept more of the facts spread over several documents; False is the

@@ -11,9 +11,9 @@ How tokens are picked, one module of this package per step:
 2. ``draft_pass``: the draft prefills the prompt (chunked, no full-vocabulary logits) inside
    :class:`~draft_rag.scoring.ObserverScores`; the observers are the last ``window_size`` prompt positions
    (or, with ``observe_from="question"``, the default over a cache, the question's own tokens and the
-   template's end) plus ``lookahead_tokens - 1`` greedy draft tokens. Scores are reduced over heads and observers, then
-   ``max`` over layers ``>= starting_layer_index``. With a ``cache`` (:mod:`draft_rag.draft_cache`), the
-   documents' cached K/V stand in for the prefill before the observers.
+   template's end) plus ``lookahead_tokens - 1`` greedy draft tokens. Scores are reduced over heads and
+   observers, then ``max`` over layers ``>= starting_layer_index``. With a ``cache``
+   (:mod:`draft_rag.draft_cache`), the documents' cached K/V stand in for the prefill before the observers.
 3. ``selection``: scores are max/avg-pooled over positions; ``selection_order`` walks document tokens by
    descending score and adds each one's centred neighbourhood of ``neighbor_tokens`` until the budget is full.
 4. ``text`` (from ``SpecPC._rebuild`` here): kept tokens become character spans, widened a little to word

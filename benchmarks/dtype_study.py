@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtypes:
         draft = draft32 if dtype == "float32" else as_dtype(draft32, dtype)
         prefill_s, _ = timed(partial(prefill, draft.model, prompt_ids))
-        pc = SpecPC(draft=draft, budget=args.budget, progress=False)
+        pc = SpecPC(draft=draft, budget=args.budget, progress=False, reading="joint")  # as its committed rows read
         compress_s, result = timed(partial(pc.compress, sample.question, sample.documents))
         spans = [d.spans for d in result.documents]
         reference = reference or spans

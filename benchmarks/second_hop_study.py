@@ -60,6 +60,9 @@ if TYPE_CHECKING:
     from draft_rag.bench.two_pass import TwoPassSpecPC
     from draft_rag.models import LoadedModel
 
+JOINT: dict[str, Any] = {"reading": "joint"}
+"""The uncached variants' reading: one prefill of the whole prompt, as every uncached row was made."""
+
 RESULTS_FILE = "second_hop.jsonl"
 SUMMARY_FILE = "second_hop.md"
 
@@ -71,7 +74,8 @@ class Variant:
     Attributes:
         settings: :class:`draft_rag.SpecPC` arguments on top of the defaults, the window observers unless named
             (``observe_from`` is pinned, so a cached variant reads as it did before SpecPC's ``"auto"``).
-        cache: read over a :class:`draft_rag.DraftCache` warmed with the sample's documents.
+        cache: read over a :class:`draft_rag.DraftCache` warmed with the sample's documents (False: the joint
+            reading, :data:`JOINT`, pinned since SpecPC reads documents apart by default).
         first_share: None: one pass; a number: the two-pass selection with that share of the budget for the
             first pass's picks.
     """
@@ -135,7 +139,8 @@ class Readers:
             key = variant.reader()
             if key not in self.specpcs:
                 self.specpcs[key] = SpecPC(draft=draft, progress=False, cache=self.cache if variant.cache else None,
-                                           **{"observe_from": "window", **extra, **variant.settings})
+                                           **{"observe_from": "window", **({} if variant.cache else JOINT), **extra,
+                                              **variant.settings})
             if variant.first_share is not None and key not in self.two_passes:
                 self.two_passes[key] = TwoPassSpecPC(self.specpcs[key], draft.tokenizer, answer_tokens=answer_tokens)
         self._sample: Sample | None = None

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = args.tasks or [t for t in TASKS if t not in ("common_words", "variable_tracking")]
     generator = TaskGenerator(draft.tokenizer, seed=args.seed, chunk_tokens=args.chunk_tokens)
     log = StudyLog(args.out, RESULTS_FILE, ("variant", "task", "length", "sample_id", "budget", "seed", "dtype"))
-    compressors = {variant: SpecPC(draft=draft, progress=False, **VARIANTS[variant]) for variant in args.variants}
+    compressors = {variant: SpecPC(draft=draft, progress=False, reading="joint", **VARIANTS[variant])
+                   for variant in args.variants}
     for task in tasks:
         for sample in generator.samples(task, args.length, args.samples):
             # Variants that differ only in selection share one draft pass (SpecPC.score), as in draft-rag bench.

@@ -232,16 +232,17 @@ def test_results_rows_are_json_lines(tmp_path):
         assert isinstance(json.loads(line)["accuracy"], float)
 
 
-@pytest.mark.parametrize("name", ["specpc", "specpc-paper", "snapkv-pc"])
+@pytest.mark.parametrize("name", ["specpc", "specpc-paper", "snapkv-pc", "specpc-apart"])
 def test_specpc_budgets_of_a_sample_share_one_draft_pass(tiny_pair, name):
     from draft_rag import SpecPC
-    from draft_rag.bench.methods import SNAPKV_PC_SETTINGS, SPECPC_PAPER_SETTINGS
+    from draft_rag.bench.methods import SNAPKV_PC_SETTINGS, SPECPC_JOINT_SETTINGS, SPECPC_PAPER_SETTINGS
     from draft_rag.bench.tiny import TINY_SPECPC_SETTINGS
 
     draft, target = tiny_pair
     methods, _ = build_methods([name], draft=draft, target=target, specpc_settings=TINY_SPECPC_SETTINGS)
     generator = TaskGenerator(target.tokenizer, chunk_tokens=64)
-    variant = {"specpc": {}, "specpc-paper": SPECPC_PAPER_SETTINGS, "snapkv-pc": SNAPKV_PC_SETTINGS}[name]
+    variant = {"specpc": SPECPC_JOINT_SETTINGS, "specpc-paper": {**SPECPC_JOINT_SETTINGS, **SPECPC_PAPER_SETTINGS},
+               "snapkv-pc": {**SPECPC_JOINT_SETTINGS, **SNAPKV_PC_SETTINGS}, "specpc-apart": {}}[name]
     settings = {**TINY_SPECPC_SETTINGS, **variant}
     calls = []
     handle = draft.model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))

@@ -13,6 +13,7 @@ from draft_rag import DraftCache, LoadedModel, SpecPC, cli
 from draft_rag.draft_cache import CacheStats, bytes_per_token
 from draft_rag.draft_cache.fingerprint import entry_key
 from draft_rag.hf import rotate_keys
+from draft_rag.models import load_model
 from draft_rag.scoring import prefill
 from draft_rag.specpc.prompt import _DraftPrompt
 from tests.tiny import tiny_model
@@ -34,16 +35,17 @@ def smollm3_draft():
 
 
 def make(draft, cache=None, **kwargs):
-    # The window observers with and without a cache, unless a test names them ("auto" would switch with the cache).
+    # Without a cache the joint reading, the uncached path a cache is compared with, and the window observers with and
+    # without one, unless a test names them (SpecPC reads apart by default, and "auto" switches with the reading).
     defaults = dict(budget=48, window_size=8, kernel_size=5, neighbor_tokens=6, starting_layer_index=1,
-                    observe_from="window")
+                    observe_from="window", **({} if cache is not None else {"reading": "joint"}))
     defaults.update(kwargs)
     return SpecPC(draft=draft, cache=cache, **defaults)
 
 
 def scores(pc, query, documents):
     draft = pc.load()
-    return pc._score_context(draft, _DraftPrompt(draft.tokenizer, query, documents))[0]
+    return pc._score_context(draft, _DraftPrompt(draft.tokenizer, query, documents), pc._reading_cache())[0]
 
 
 def question_start(draft, query, documents):
@@ -278,8 +280,44 @@ def test_budget_at_least_context_skips_the_draft(draft, monkeypatch):
 
 def test_rope_that_cannot_be_shifted_is_refused():
     draft = tiny_model("qwen2", seed=5, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
-    with pytest.raises(NotImplementedError, match="cannot shift"):
-        make(draft, DraftCache()).compress(QUERY, DOCS)
+    calls = []
+    handle = draft.model.get_decoder().register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for pc in (make(draft, DraftCache()), SpecPC(draft=draft, budget=48)):  # over a cache, and SpecPC's default
+            with pytest.raises(NotImplementedError, match=r"cannot shift.*SpecPC\(reading='joint'\)"):
+                pc.compress(QUERY, DOCS)
+        assert not calls  # refused before any compute
+    finally:
+        handle.remove()
+    assert make(draft).compress(QUERY, DOCS).total_kept_tokens <= 48  # the joint reading serves this draft
+
+
+@pytest.mark.parametrize("observe_from", ["window", "question"])
+def test_reading_apart_without_a_cache_scores_exactly_as_over_one(draft, observe_from):
+    """SpecPC's default reading: each call keeps its own cache, so its scores are those of a DraftCache's, cold or
+    warm, bit for bit, and differ from the joint reading's (so the check can fail)."""
+    apart = make(draft, reading="apart", observe_from=observe_from)
+    cache = DraftCache()
+    cached = make(draft, cache, observe_from=observe_from)
+    joint = make(draft, observe_from=observe_from)
+    for query in (QUERY, OTHER_QUERY):  # the second query finds the documents cached
+        expected = scores(cached, query, DOCS)
+        got = apart.score(query, DOCS)
+        assert torch.equal(got.scores, expected)
+        assert not torch.allclose(got.scores, scores(joint, query, DOCS))
+        assert apart.compress(query, DOCS).texts == cached.compress(query, DOCS).texts
+        assert isinstance(got.cache, DraftCache) and got.cache is not cache and got.cache.directory is None
+    assert apart.cache is None  # the call's cache is not kept by the SpecPC: nothing outlives the call but its result
+    assert apart.score(QUERY, DOCS).cache is not apart.score(QUERY, DOCS).cache
+    assert cache.stats.misses == 4  # the prefix and the three documents, encoded once
+
+
+def test_the_joint_reading_and_a_cache_are_refused_together(draft):
+    with pytest.raises(ValueError, match="reading='joint'.*leave out cache="):
+        SpecPC(draft=draft, reading="joint", cache=DraftCache())
+    with pytest.raises(ValueError, match="reading must be one of"):
+        SpecPC(draft=draft, reading="together")
+    assert SpecPC(draft=draft).settings()["reading"] == "apart"
 
 
 def test_max_bytes_is_checked():
@@ -303,3 +341,27 @@ def test_index_then_compress_with_the_cache_directory(draft_dir, tmp_path, capsy
     assert cached.pop("seconds") > 0
     assert cached == plain  # one document: the cache changes nothing
     assert len(list(cache_dir.glob("*.safetensors"))) == 2
+    assert cli.main([*args, "--reading", "joint"]) == 0  # one document: the joint reading keeps the same text
+    joint = json.loads(capsys.readouterr().out)
+    assert [d["text"] for d in joint["documents"]] == [d["text"] for d in plain["documents"]]
+    assert cli.main([*args, "--reading", "joint", "--cache-dir", str(cache_dir)]) == 2
+    assert "reading='joint'" in capsys.readouterr().err
+
+
+def test_compress_reads_several_documents_apart_unless_told_to_read_them_jointly(draft_dir, tmp_path, capsys):
+    files = []
+    for index, text in enumerate(DOCS):
+        files.append(tmp_path / f"doc{index}.txt")
+        files[-1].write_text(text)
+    args = ["compress", "--query", QUERY, "--budget", "20", "--draft", str(draft_dir), "--json", *map(str, files)]
+    texts = {}
+    for reading in ("apart", "joint"):
+        assert cli.main([*args, "--reading", reading]) == 0
+        texts[reading] = [d["text"] for d in json.loads(capsys.readouterr().out)["documents"]]
+    assert cli.main(args) == 0
+    assert [d["text"] for d in json.loads(capsys.readouterr().out)["documents"]] == texts["apart"]
+    draft = load_model(str(draft_dir))
+    for reading, kept in texts.items():
+        pc = SpecPC(draft=draft, budget=20, lookahead_tokens=1, reading=reading)
+        assert pc.compress(QUERY, DOCS).texts == kept
+    assert texts["apart"] != texts["joint"]

@@ -3,6 +3,8 @@ attention layer draft-rag does not reproduce is refused with NotImplementedError
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import Cohere2Config, Exaone4Config, Gemma3TextConfig, GptOssConfig, Olmo2Config
@@ -29,9 +31,9 @@ def tiny(config_class: type, seed: int = 0, attn: str = "sdpa", **settings: obje
     return build(config, seed, attn)
 
 
-def compress(draft: LoadedModel, cache: DraftCache | None = None) -> None:
+def compress(draft: LoadedModel, cache: DraftCache | None = None, **settings: Any) -> None:
     SpecPC(draft=draft, cache=cache, budget=10, window_size=8, kernel_size=5, neighbor_tokens=6,
-           starting_layer_index=1).compress(QUERY, DOCS)
+           starting_layer_index=1, **settings).compress(QUERY, DOCS)
 
 
 # EXAONE 4 and Command R7B (Cohere 2) rotate only in their sliding-window layers: with a window, every fourth
@@ -107,10 +109,9 @@ def test_unsupported_attention_is_refused_before_any_compute(case):
     with pytest.raises(NotImplementedError, match=message):
         check_supported(loaded.model, 10)
     check_supported(loaded.model, 10, scoring=False)  # generating with it needs none of this
-    with no_forward(loaded), pytest.raises(NotImplementedError, match=message):
-        compress(loaded)
-    with no_forward(loaded), pytest.raises(NotImplementedError, match=message):
-        compress(loaded, DraftCache())
+    for settings in ({}, {"reading": "joint"}, {"cache": DraftCache()}):
+        with no_forward(loaded), pytest.raises(NotImplementedError, match=message):
+            compress(loaded, **settings)
     with no_forward(loaded), pytest.raises(NotImplementedError, match=message):
         with sparse_prefill(loaded.model, num_observers=3):
             pass
@@ -135,8 +136,10 @@ def test_speckv_refuses_a_target_it_would_read_before_any_compute(method, settin
 
 
 def test_rope_that_differs_between_layer_types_cannot_be_cached():
-    """Gemma 3 gives its sliding and global layers different RoPE: scored without a cache, refused with one."""
+    """Gemma 3 gives its sliding and global layers different RoPE: read jointly it is scored; read apart (SpecPC's
+    default, and over a cache) it is refused before any compute, with the way out named."""
     draft = tiny(Gemma3TextConfig, sliding_window=4096)
-    with no_forward(draft), pytest.raises(NotImplementedError, match="cannot shift"):
-        compress(draft, DraftCache())
-    compress(draft)
+    for cache in (DraftCache(), None):
+        with no_forward(draft), pytest.raises(NotImplementedError, match=r"cannot shift.*reading='joint'"):
+            compress(draft, cache)
+    compress(draft, reading="joint")

@@ -179,7 +179,8 @@ def observed_rows(monkeypatch):
 def test_specpc_and_speckv_take_the_observer_block_size(tiny_pair, observed_rows):
     draft, target = tiny_pair
     documents = [PROSE * 3, "A special magic number is hidden in the text: 4071. " * 4]
-    settings = {"draft": draft, "budget": 30, "window_size": 20, "starting_layer_index": 0, "progress": False}
+    settings = {"draft": draft, "budget": 30, "window_size": 20, "starting_layer_index": 0, "progress": False,
+                "observe_from": "window"}
     texts = []
     for block in (None, 3):
         observed_rows.clear()

@@ -260,7 +260,7 @@ def test_observers_from_the_question_equal_a_window_of_the_question_length(draft
     assert by_question.total_kept_tokens <= 48
 
 
-def test_auto_observers_read_from_the_question_with_a_cache_and_from_the_window_without(draft):
+def test_auto_observers_read_from_the_question_apart_and_from_the_window_jointly(draft):
     from draft_rag import DraftCache
 
     def reading(**kwargs):
@@ -268,8 +268,9 @@ def test_auto_observers_read_from_the_question_with_a_cache_and_from_the_window_
         return pc.observers, pc.settings()["observe_from"], pc.score(QUERY, DOCS).scores
 
     assert make(draft).observe_from == "auto"  # the field keeps what was passed; observers and settings resolve it
-    for cache, resolved, other in ((DraftCache, "question", "window"), (lambda: None, "window", "question")):
-        auto, same, different = (reading(cache=cache(), observe_from=observe_from)
+    for settings, resolved, other in ((dict(cache=DraftCache()), "question", "window"), ({}, "question", "window"),
+                                      (dict(reading="joint"), "window", "question")):
+        auto, same, different = (reading(**settings, observe_from=observe_from)
                                  for observe_from in ("auto", resolved, other))
         assert auto[:2] == same[:2] == (resolved, resolved)
         torch.testing.assert_close(auto[2], same[2], atol=0, rtol=0)

@@ -110,15 +110,18 @@ def test_candidates_that_are_the_whole_context_select_what_specpc_without_a_cach
         assert [d.spans for d in rescored.documents] == [d.spans for d in plain.documents]
 
 
-def test_without_a_cache_and_every_token_a_candidate_the_draft_runs_once(draft):
+def test_reading_jointly_with_every_token_a_candidate_the_draft_runs_once(draft):
     total = sum(count(d) for d in DOCS)
     calls, handle = decoder_tokens(draft)
     try:
-        rescored = make(draft, budget=24, rescore_factor=-(-total // 24)).compress(QUERY, DOCS)
+        rescored = make(draft, budget=24, rescore_factor=-(-total // 24), reading="joint").compress(QUERY, DOCS)
     finally:
         handle.remove()
     assert sum(calls) == len(_DraftPrompt(draft.tokenizer, QUERY, DOCS).input_ids)  # one prefill, no second
-    assert rescored.texts == make(draft, budget=24).compress(QUERY, DOCS).texts
+    assert rescored.texts == make(draft, budget=24, reading="joint").compress(QUERY, DOCS).texts
+    # Read apart, the candidates' joint reading is a second one, even when every token is a candidate.
+    apart = make(draft, budget=24, rescore_factor=-(-total // 24)).compress(QUERY, DOCS)
+    assert apart.texts != make(draft, budget=24).compress(QUERY, DOCS).texts
 
 
 @pytest.mark.parametrize("cached", [False, True])

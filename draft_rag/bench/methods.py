@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from draft_rag.models import LoadedModel
 
 PROMPT_METHODS = (
-    "full", "specpc", "specpc-cached", "specpc-2pass", "specpc-lookahead", "specpc-question",
+    "full", "specpc", "specpc-apart", "specpc-cached", "specpc-2pass", "specpc-lookahead", "specpc-question",
     "specpc-cached-question", "specpc-cached-question-lookahead", "specpc-cached-question-rescore",
     "specpc-cached-question-recompute", "specpc-paper",
     "snapkv-pc", "truncate",
@@ -41,6 +41,12 @@ PROMPT_METHODS = (
 )
 KV_METHODS = ("speckv", "snapkv", "streamingllm")
 METHODS = PROMPT_METHODS + KV_METHODS
+
+# The paper's reading, which the uncached SpecPC methods pin (specpc, specpc-paper, specpc-question, specpc-lookahead,
+# specpc-2pass, snapkv-pc): the draft prefills the whole prompt, so later documents attend to earlier ones. SpecPC's
+# default reads the documents apart (specpc-apart without a cache; every specpc-cached method over a warm one).
+SPECPC_JOINT_SETTINGS: dict[str, Any] = dict(reading="joint")
+
 
 # The prompt-side SnapKV ablation: the draft's own last 32 prompt positions observe once (no lookahead
 # tokens), rows averaged as SnapKV does, every layer counts equally (max over all layers), a short
@@ -346,8 +352,9 @@ def _make(
                 "specpc-cached-question-rescore": SPECPC_QUESTION_RESCORE_SETTINGS,
                 "specpc-cached-question-recompute": SPECPC_QUESTION_RECOMPUTE_SETTINGS}
     cache = DraftCache() if name.startswith("specpc-cached") else None
+    reading = {} if cache is not None or name == "specpc-apart" else SPECPC_JOINT_SETTINGS
     specpc = SpecPC(draft=draft, target_tokenizer=tokenizer, progress=False, cache=cache,
-                    **{**specpc_settings, **variants.get(name, {})})
+                    **{**reading, **specpc_settings, **variants.get(name, {})})
     # Every knob, defaults included, so that rows made before a default changed are not reused after it.
     if name == "specpc-2pass":
         from draft_rag.bench.two_pass import TwoPassSpecPC

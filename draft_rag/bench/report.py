@@ -161,8 +161,8 @@ def latency_table(rows: Sequence[Mapping[str, Any]], length: int) -> str:
     return "\n".join(lines)
 
 
-SPECPC_VARIANTS = ("specpc-cached", "specpc-2pass", "specpc-lookahead", "specpc-question", "specpc-cached-question",
-                   "specpc-cached-question-lookahead", "specpc-cached-question-rescore",
+SPECPC_VARIANTS = ("specpc-apart", "specpc-cached", "specpc-2pass", "specpc-lookahead", "specpc-question",
+                   "specpc-cached-question", "specpc-cached-question-lookahead", "specpc-cached-question-rescore",
                    "specpc-cached-question-recompute")
 """SpecPC's variants, each compared with SpecPC itself (and the embedding filter) rather than SpecPC with them."""
 PAIRED_REFERENCES = {
@@ -270,12 +270,11 @@ def write_summary(
             f"## {length} tokens: the same samples, two methods",
             "",
             "Each row pairs SpecPC (or SpecKV) with another method at the same budget (or with `full`), or a "
-            "SpecPC variant (`specpc-cached`, `specpc-2pass`, `specpc-lookahead`, `specpc-question`, "
-            "`specpc-cached-question`, `specpc-cached-question-lookahead`, `specpc-cached-question-rescore`, "
-            "`specpc-cached-question-recompute`) with SpecPC "
-            "and the embedding filter, on the samples both answered: how often the first scored higher, equal or "
-            "lower, and the mean difference in accuracy points with a 95% bootstrap interval over those pairs. An "
-            "interval that excludes 0 separates the two methods on these tasks; one that includes 0 does not.",
+            "SpecPC variant (" + ", ".join(f"`{name}`" for name in SPECPC_VARIANTS) + ") with SpecPC "
+            "(`specpc`: the paper's joint reading) and the embedding filter, on the samples both answered: how often "
+            "the first scored higher, equal or lower, and the mean difference in accuracy points with a 95% "
+            "bootstrap interval over those pairs. An interval that excludes 0 separates the two methods on these "
+            "tasks; one that includes 0 does not.",
             "",
             paired_table(rows, length),
             "",

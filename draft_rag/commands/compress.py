@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from draft_rag.models import DEFAULT_DRAFT
+from draft_rag.specpc import READINGS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model name, id or path")
     parser.add_argument("--target-tokenizer", default=None, help="count the budget in this tokenizer's tokens")
     parser.add_argument("--lookahead-tokens", type=int, default=1)
+    parser.add_argument(
+        "--reading", choices=READINGS, default="apart",
+        help="apart (default): the draft reads each document on its own, as --cache-dir stores it; joint: one "
+        "prefill of all of them, the paper's reading (no --cache-dir)",
+    )
     parser.add_argument(
         "--dtype", default=None, help="draft dtype, e.g. bfloat16 or float32 (default: bf16 where the hardware has it)"
     )
@@ -64,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         budget=args.budget,
         target_tokenizer=args.target_tokenizer,
         lookahead_tokens=args.lookahead_tokens,
+        reading=args.reading,
         progress=not args.json,
         dtype=args.dtype,
         cache=None if args.cache_dir is None else DraftCache(directory=args.cache_dir),

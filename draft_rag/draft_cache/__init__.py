@@ -7,8 +7,10 @@ lays the cached documents out in prompt order, turns each one's keys from the po
 its place in the prompt (RoPE rotates a key by an angle proportional to its position, so a shift by ``d`` is
 one more rotation by ``d``), and runs only the observer window (the question and the template's end) through
 the draft over that cache: the draft's cost per query drops from the whole context to about ``window_size``
-tokens. Documents attend only within themselves and to the prefix, so scores differ a little from a full
-prefill of the prompt; with a single document they are the same.
+tokens. Documents attend only within themselves and to the prefix: this is SpecPC's default reading
+(``reading="apart"``), which without a cache encodes a call's documents the same way and forgets them after it,
+so a cache changes a query's cost, not its scores. The paper's joint prefill of the prompt (``reading="joint"``)
+scores differently when there are several documents; with a single document the two agree.
 
 Entries are content-addressed: the key is a SHA-256 of the model's fingerprint (class, config and every byte
 of its weights), its dtype, the prefix token ids and the document text, so an entry made by another model,
@@ -328,7 +330,7 @@ class DraftCache:
                         f"{type(draft.model).__name__} makes K/V of shape {tuple(entry.keys.shape)} and "
                         f"{tuple(entry.values.shape)} per chunk, not [layers, kv_heads, tokens, head_dim] = "
                         f"{entry_shape(draft.model, len(input_ids))} as its config says; the draft cache does not "
-                        "support this model, use SpecPC without cache=."
+                        "support this model, use SpecPC(reading='joint') without cache=."
                     )
                     raise NotImplementedError(msg)
                 self._count("misses")

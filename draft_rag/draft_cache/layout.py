@@ -167,6 +167,6 @@ def check_one_device(model: PreTrainedModel) -> None:
         msg = (
             f"{model_name(model)} is split over the devices {', '.join(devices)} by device_map, but the draft "
             "cache keeps the K/V of all layers on one device; load the draft on one device (e.g. "
-            "device_map={'': 0} or device_map='cuda:0') or use SpecPC without cache=."
+            "device_map={'': 0} or device_map='cuda:0') or use SpecPC(reading='joint') without cache=."
         )
         raise NotImplementedError(msg)

@@ -149,7 +149,7 @@ def key_rotation(model: PreTrainedModel) -> tuple[Any, Callable[..., Any] | None
             if any(kind not in ("split", *LAYOUT) for kind in after):
                 msg = (
                     f"{source.owner} does not rotate its keys last, so a draft cache cannot move them to new "
-                    "positions; use SpecPC without cache= for this draft model."
+                    "positions; use SpecPC(reading='joint') without cache= for this draft model."
                 )
                 raise NotImplementedError(msg)
     rotary = next((m for n, m in model.named_modules() if n.split(".")[-1] == "rotary_emb"), None)
@@ -158,7 +158,8 @@ def key_rotation(model: PreTrainedModel) -> tuple[Any, Callable[..., Any] | None
     if rotary is None or len(functions) > 1 or rope_type not in SHIFTABLE_ROPE:
         msg = (
             f"{model_name(model)} uses RoPE of type {rope_type!r}, which a draft cache cannot shift to new "
-            f"positions (supported: {', '.join(SHIFTABLE_ROPE)}); use SpecPC without cache= for this draft model."
+            f"positions (supported: {', '.join(SHIFTABLE_ROPE)}); use SpecPC(reading='joint') without cache= for this "
+            "draft model."
         )
         raise NotImplementedError(msg)
     return rotary, next(iter(functions), None), rotated

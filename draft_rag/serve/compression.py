@@ -109,7 +109,7 @@ class Compression:
             if load_first is not None:
                 self.specpc = load_first(self.specpc)
             draft = self.specpc.load()
-            if self.specpc.cache is not None:
+            if self.specpc.reading == "apart":
                 # The draft cache's key hashes every weight (about a second for a 0.5B draft), once per loaded
                 # model: here, before /health reports ready, instead of in the first request's compression.
                 from draft_rag.draft_cache import model_fingerprint

@@ -45,8 +45,9 @@ class GatewaySettings:
         budget: tokens of document text SpecPC keeps per request (1024) unless the request asks for another.
         observe_from: which draft queries score the documents (:attr:`draft_rag.SpecPC.observe_from`):
             ``"question"`` (default), the question's own tokens and the chat template's end, or ``"window"``
-            (SpecPC's default without a cache), the last 64 prompt positions, which also hold the last document's
-            tail; ``"auto"`` is ``"question"`` here, since the gateway always reads over its cache. Over a
+            (SpecPC's default when it reads the documents jointly), the last 64 prompt positions, which also hold
+            the last document's tail; ``"auto"`` is ``"question"`` here, since the gateway always reads the
+            documents apart, over its cache. Over a
             warm draft cache the draft runs only over the observers, so ``"question"`` costs about 40% less
             per request, and on the tuning seed it kept more answers (see the gateway guide).
         rescore_factor: ``0`` (default): select from the draft's reading over the warm cache. ``k >= 2``: pick

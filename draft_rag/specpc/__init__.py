@@ -8,12 +8,14 @@ Based on https://arxiv.org/abs/2506.08373 (Draft-based Approximate Inference for
 How tokens are picked, one module of this package per step:
 1. ``prompt``: ``_DraftPrompt`` lays the documents and the question into the draft's chat template,
    recording for every document token its character span in its document.
-2. ``draft_pass``: the draft prefills the prompt (chunked, no full-vocabulary logits) inside
-   :class:`~draft_rag.scoring.ObserverScores`; the observers are the last ``window_size`` prompt positions
-   (or, with ``observe_from="question"``, the default over a cache, the question's own tokens and the
-   template's end) plus ``lookahead_tokens - 1`` greedy draft tokens. Scores are reduced over heads and
-   observers, then ``max`` over layers ``>= starting_layer_index``. With a ``cache``
-   (:mod:`draft_rag.draft_cache`), the documents' cached K/V stand in for the prefill before the observers.
+2. ``draft_pass``: the draft reads the prompt (chunked, no full-vocabulary logits) inside
+   :class:`~draft_rag.scoring.ObserverScores`; the observers are the question's own tokens and the template's
+   end (``observe_from="question"``, the default when the documents are read apart) or the last ``window_size``
+   prompt positions (``"window"``), plus ``lookahead_tokens - 1`` greedy draft tokens. Scores are reduced over
+   heads and observers, then ``max`` over layers ``>= starting_layer_index``. By default (``reading="apart"``)
+   each document is encoded on its own through a :mod:`draft_rag.draft_cache` (the ``cache`` given, else one
+   kept for the call) and only the observers run over the documents' K/V; ``reading="joint"`` prefills the
+   whole prompt at once.
 3. ``selection``: scores are max/avg-pooled over positions; ``selection_order`` walks document tokens by
    descending score and adds each one's centred neighbourhood of ``neighbor_tokens`` until the budget is full.
 4. ``text`` (from ``SpecPC._rebuild`` here): kept tokens become character spans, widened a little to word
@@ -46,13 +48,20 @@ if TYPE_CHECKING:
 
 OBSERVE_FROM = ("auto", "window", "question")
 """The values of :attr:`SpecPC.observe_from`: where the observing prompt positions start (``"auto"``: from the
-question with a draft cache, else the window)."""
+question when the documents are read apart, else the window)."""
+
+READINGS = ("apart", "joint")
+"""The values of :attr:`SpecPC.reading`: how the draft reads the documents (``"apart"``: each on its own, as a
+:class:`~draft_rag.draft_cache.DraftCache` stores them; ``"joint"``: all in one prefill, as the paper does)."""
 
 SELECTION_SETTINGS = frozenset({"budget", "pool", "kernel_size", "neighbor_tokens", "document_boundaries",
                                 "elision_marker", "rescore_factor", "recompute_factor"})
 """SpecPC settings that act only after the draft pass: two SpecPCs that differ only in these read a text
 alike, so the :class:`ContextScores` of one can be passed to the other's :meth:`SpecPC.select`
 (``rescore_factor``'s and ``recompute_factor``'s second pass runs in :meth:`SpecPC.select`)."""
+
+_UNBOUNDED = 1 << 62
+"""Bytes enough for any one call's documents: the size of the cache a reading apart without a ``cache`` keeps."""
 
 _NOT_KNOBS = frozenset({"draft", "budget", "target_tokenizer", "device", "dtype", "progress", "cache",
                         "observer_block_size"})
@@ -140,6 +149,9 @@ class ContextScores:
         prompt: the draft prompt and its token-to-character map (None when every document is blank).
         scores: the draft's attention score of every draft prompt position, not yet pooled (None likewise).
         lookahead_text: the draft's decoded lookahead tokens (see :attr:`CompressionResult.lookahead_text`).
+        cache: the draft cache the documents were read from when read apart (the SpecPC's ``cache``, else one
+            made for this reading, holding these documents' K/V), for :meth:`SpecPC.select`'s second pass; None
+            when they were read jointly or not at all.
     """
 
     query: str
@@ -149,6 +161,7 @@ class ContextScores:
     prompt: _DraftPrompt | None = None
     scores: torch.Tensor | None = None
     lookahead_text: str = ""
+    cache: DraftCache | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -179,14 +192,26 @@ class SpecPC:
             paper's 64 spends a small budget on few places, and a fact spread over several documents needs
             more of them).
         weighted_query: scale observer rows by a 0 → 1 ramp from oldest to newest first (True).
+        reading: how the draft reads the documents. ``"apart"`` (default): each document on its own, after the
+            chat template's opening, as a ``cache`` stores it (without one, the documents' K/V are kept for the
+            call only), and then the observers read over all of them; ``"joint"``: one prefill of the whole
+            prompt, in which later documents attend to earlier ones (the paper's reading). Apart costs less
+            (attention within each document instead of over the whole context: about 5.4 s against 14.0 s for a
+            4k-token prompt on 2 CPU cores in bf16) and on the benchmark answered more: with the question's
+            observers, +13.1 / +10.3 / +8.4 points over the joint reading at 256 / 512 / 1024 tokens on the
+            synthetic tasks (seed 0, n = 80, every interval above 0), -3.3 / -6.6 / +3.3 on its 61 book questions
+            (no interval excluding 0). Apart needs a draft whose keys can be moved to new positions (RoPE without
+            length-dependent scaling, on one device): others get a NotImplementedError before any compute, whose
+            message points to ``"joint"``. A ``cache`` needs ``"apart"``.
         observe_from: ``"window"``: the last ``window_size`` prompt positions observe; ``"question"``: the
             observers start at the question instead (its ``Question:`` line and the template's end), so a short
             question is not padded out with the tail of the last document; ``"auto"`` (default): ``"question"``
-            with a ``cache``, else ``"window"``. Over a warm cache the question's observers answered more than the
-            window over the same cache on the benchmark (seed 0, n = 80: +12.5 / +8.8 / +2.5 points at 256 / 512 /
-            1024 tokens, the first two intervals above 0; on its 61 book questions 0.0 / 0.0 / +3.3) for less draft
-            work; without a cache the window stays, the setting every uncached benchmark row was made with.
-            :meth:`settings` and :attr:`observers` give the resolved value.
+            when the documents are read apart, ``"window"`` when they are read jointly. Over documents read apart
+            the question's observers answered more than the window on the benchmark (seed 0, n = 80: +12.5 /
+            +8.8 / +2.5 points at 256 / 512 / 1024 tokens, the first two intervals above 0; on its 61 book
+            questions 0.0 / 0.0 / +3.3) for less draft work; over a joint prefill they did not (+0.0 / -0.8 /
+            -1.2 on the synthetic tasks, +3.3 / -6.6 / -4.9 on the book questions). :meth:`settings` and
+            :attr:`observers` give the resolved value.
         document_boundaries: pooling and neighbourhoods stop at document edges, so a hit near the end of
             one document neither lifts nor keeps the start of the next (True: chosen on the benchmark's
             tuning seed, where it kept more of the facts spread over several documents; False is the
@@ -202,30 +227,29 @@ class SpecPC:
             joins the spans directly).
         rescore_factor: ``0`` (default): select from the draft pass. ``k >= 2``: select ``k x budget`` tokens
             of candidates from it, then let the draft read the candidates' text and the question once more, in
-            one prefill without the ``cache`` (:mod:`draft_rag.specpc.rescore`), and select the budget from
-            that reading, which sees the candidates together as a prefill without the cache would. It costs a
-            draft pass over about ``k x budget`` tokens per compression. On the benchmark's book questions, 2
-            over a warm cache kept the gold answer in the text nearly as often as SpecPC without a cache on the
-            questions it was chosen on, but the target's answers gained little over the cached reading alone
+            one joint prefill (:mod:`draft_rag.specpc.rescore`), and select the budget from that reading, which
+            sees the candidates together. It costs a draft pass over about ``k x budget`` tokens per
+            compression. On the benchmark's book questions, 2 over documents read apart kept the gold answer in
+            the text nearly as often as the joint reading on the questions it was chosen on, but the target's
+            answers gained little over the reading apart alone
             (see the benchmark's results, "Real documents"), so it is off by default.
-        recompute_factor: ``0`` (default): select from the draft pass. ``k >= 2``, with a ``cache``: select
+        recompute_factor: ``0`` (default): select from the draft pass. ``k >= 2``, reading apart: select
             ``k x budget`` tokens of candidates from it, compute the candidates' draft K/V again in context (each
             attends to every document before it, not only to its own:
             :mod:`draft_rag.draft_cache.recompute`), let the observers read once more over that cache, and select
             the budget among the candidates from that reading. It costs a draft forward over the ``k x budget``
-            candidates per compression. Without a ``cache`` there is nothing to recompute and it does nothing.
+            candidates per compression. Reading jointly there is nothing to recompute and it does nothing.
             Use at most one of ``rescore_factor`` and ``recompute_factor``. On the benchmark's book questions, 2
-            with question observers kept the gold answer as often as SpecPC without a cache on the questions it was
-            tried on, but the target's answers gained nothing over the cached reading alone (see the benchmark's
+            with question observers kept the gold answer as often as the joint reading on the questions it was
+            tried on, but the target's answers gained nothing over the reading apart alone (see the benchmark's
             results, "Real documents"), so it is off by default.
         device, dtype: where and how to run the draft (default CUDA when available, in bf16 where the GPU has
             it natively, else fp16; else the CPU, in bf16 where it has native bf16, else fp32).
         progress: show a progress bar over the prefill (None: only on a terminal).
-        cache: a :class:`~draft_rag.draft_cache.DraftCache` of per-document draft K/V (None: no cache). With
-            one, each document is encoded once on its own after the chat template's opening and reused by
-            later queries, which run only the observers' tokens through the draft (with ``observe_from="auto"``
-            the question's); scores then differ a little from a full prefill when there are several documents
-            (documents do not attend to each other). :meth:`warm` encodes documents ahead of the first query.
+        cache: a :class:`~draft_rag.draft_cache.DraftCache` of per-document draft K/V (None: each call encodes
+            its documents afresh). With one, each document is encoded once, as ``reading="apart"`` reads it, and
+            reused by later queries, which run only the observers' tokens through the draft; the scores are those
+            of the same call without a cache. :meth:`warm` encodes documents ahead of the first query.
 
     The fields keep what was passed; the loaded draft and tokenizer are held privately (see :meth:`load`).
     One draft model can serve several threads: its forward passes take turns on the model's lock.
@@ -247,6 +271,7 @@ class SpecPC:
     observer_reduction: Reduction = "max"
     neighbor_tokens: int = 8
     weighted_query: bool = True
+    reading: str = "apart"
     observe_from: str = "auto"
     document_boundaries: bool = True
     ramp_window_only: bool = False
@@ -276,10 +301,15 @@ class SpecPC:
             check_int("SpecPC observer_block_size", self.observer_block_size, 1)
             self.observer_block_size = int(self.observer_block_size)
         for name, allowed in (("pool", ("max", "avg")), ("reduction", ("max", "mean")),
-                              ("observer_reduction", ("max", "mean")), ("observe_from", OBSERVE_FROM)):
+                              ("observer_reduction", ("max", "mean")), ("observe_from", OBSERVE_FROM),
+                              ("reading", READINGS)):
             if getattr(self, name) not in allowed:
                 msg = f"SpecPC {name} must be one of {allowed}, got {getattr(self, name)!r}."
                 raise ValueError(msg)
+        if self.reading == "joint" and self.cache is not None:
+            msg = ("SpecPC reading='joint' prefills the documents together, but a cache holds each one read apart; "
+                   "pass reading='apart' (the default) to use the cache, or leave out cache= to read jointly.")
+            raise ValueError(msg)
         if not isinstance(self.elision_marker, str):
             msg = (
                 f"SpecPC elision_marker must be a string, got {type(self.elision_marker).__name__} "
@@ -299,10 +329,10 @@ class SpecPC:
     @property
     def observers(self) -> str:
         """Where the observers start for this instance: :attr:`observe_from`, with ``"auto"`` resolved (``"question"``
-        with a ``cache``, else ``"window"``)."""
+        reading apart, ``"window"`` reading jointly)."""
         if self.observe_from != "auto":
             return self.observe_from
-        return "question" if self.cache is not None else "window"
+        return "question" if self.reading == "apart" else "window"
 
     def load(self) -> LoadedModel:
         """Load the draft model (and a named ``target_tokenizer``) now; otherwise the first compression does.
@@ -384,7 +414,7 @@ class SpecPC:
             kept = [_blank(n) for n in originals]
         elif self.rescore_factor:
             kept = self._rescored(context, context.prompt, context.scores, budget)
-        elif self.recompute_factor and self.cache is not None:
+        elif self.recompute_factor and context.cache is not None:
             kept = self._recomputed(context, context.prompt, context.scores, budget)
         else:
             kept = self._fit_budget(context.prompt, context.scores, self._loaded()[1], originals, budget)
@@ -402,11 +432,22 @@ class SpecPC:
         draft = self._loaded()[0]
         prompt = _DraftPrompt(draft.tokenizer, query, documents)
         _check_length(prompt, draft, self.lookahead_tokens)
-        scores, lookahead = self._score_context(draft, prompt)
+        cache = self._reading_cache()
+        scores, lookahead = self._score_context(draft, prompt, cache)
         return ContextScores(
             query, list(documents), originals, time.perf_counter() - started, prompt, scores,
-            draft.tokenizer.decode(lookahead, skip_special_tokens=True),
+            draft.tokenizer.decode(lookahead, skip_special_tokens=True), cache,
         )
+
+    def _reading_cache(self) -> DraftCache | None:
+        """The draft cache that one reading goes through: :attr:`cache`; reading apart without one, a cache in
+        memory for this reading only (never on disk, unbounded: it holds just the call's documents); reading
+        jointly, None."""
+        if self.cache is not None or self.reading == "joint":
+            return self.cache
+        from draft_rag.draft_cache import DraftCache
+
+        return DraftCache(max_bytes=_UNBOUNDED, max_host_bytes=0)
 
     def warm(self, documents: Sequence[str]) -> None:
         """Encode ``documents`` into :attr:`cache` now, so that the first query over them is fast too.
@@ -434,12 +475,12 @@ class SpecPC:
                        chunk_size=self.chunk_size, progress=self.progress)
 
     def _score_context(
-        self, draft: LoadedModel, prompt: _DraftPrompt, *, cached: bool = True, recompute: Sequence[int] = ()
+        self, draft: LoadedModel, prompt: _DraftPrompt, cache: DraftCache | None, *, recompute: Sequence[int] = ()
     ) -> tuple[torch.Tensor, list[int]]:
         """Draft attention score of every prompt position ``[n]`` (not pooled), and the lookahead tokens generated:
         the draft pass (:func:`~draft_rag.specpc.draft_pass.score_prompt`) with the observers, layers and
-        reductions of this instance's settings, over the ``cache`` unless ``cached`` is False, with the cached
-        positions among ``recompute`` computed again in context first."""
+        reductions of this instance's settings, over ``cache`` (None: one prefill of the whole prompt), with the
+        cached positions among ``recompute`` computed again in context first."""
         from draft_rag.hf import check_supported
         from draft_rag.scoring import ScoreReduction
 
@@ -453,7 +494,7 @@ class SpecPC:
         reduction = ScoreReduction(self.reduction, self.observer_reduction, self.weighted_query,
                                    window if self.ramp_window_only else None)
         return score_prompt(draft, prompt, window, extra, reduction, range(first_layer, num_layers),
-                            cache=self.cache if cached else None, chunk_size=self.chunk_size, progress=self.progress,
+                            cache=cache, chunk_size=self.chunk_size, progress=self.progress,
                             observer_block_size=self.observer_block_size, recompute=recompute)
 
     def _recomputed(
@@ -466,7 +507,7 @@ class SpecPC:
         draft, counter = self._loaded()
         candidates = candidate_positions(prompt, scores, self.recompute_factor * budget, self.kernel_size, self.pool,
                                          self.neighbor_tokens, self.document_boundaries)
-        rescored, _ = self._score_context(draft, prompt, recompute=candidates)
+        rescored, _ = self._score_context(draft, prompt, context.cache, recompute=candidates)
         within = torch.zeros(len(prompt.input_ids), dtype=torch.bool)
         within[candidates] = True
         return self._fit_budget(prompt, rescored, counter, context.original_tokens, budget, within)
@@ -480,14 +521,14 @@ class SpecPC:
 
         draft, counter = self._loaded()
         originals = context.original_tokens
-        if self.cache is None and sum(originals) <= self.rescore_factor * budget:
+        if context.cache is None and sum(originals) <= self.rescore_factor * budget:
             # Every token is a candidate: the second pass would read the first one's prompt again.
             return self._fit_budget(prompt, scores, counter, originals, budget)
         kept = self._fit_budget(prompt, scores, counter, originals, self.rescore_factor * budget)
         candidates = candidate_texts(context.documents, kept, self.elision_marker)
         candidate_prompt = _DraftPrompt(draft.tokenizer, context.query, [c.text for c in candidates])
         _check_length(candidate_prompt, draft, self.lookahead_tokens)
-        candidate_scores, _ = self._score_context(draft, candidate_prompt, cached=False)
+        candidate_scores, _ = self._score_context(draft, candidate_prompt, None)
         rescored, within = transfer_scores(prompt, candidate_prompt, candidate_scores, candidates)
         return self._fit_budget(prompt, rescored, counter, originals, budget, within)
 

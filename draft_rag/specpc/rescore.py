@@ -1,9 +1,10 @@
 """Rescoring: a second, exact draft pass over the candidates of the first, its scores moved back onto the documents.
 
-Over a draft cache the documents were encoded apart, so the first pass scores each one without the others as
-context. With :attr:`~draft_rag.specpc.SpecPC.rescore_factor` ``k``, SpecPC keeps ``k x budget`` tokens of
-candidates from that pass, lets the draft read the candidates' text and the question once more, in one
-uncached prefill where they see each other, and selects the budget among the candidates from that reading.
+Read apart (SpecPC's default ``reading``, and always over a draft cache), the documents were encoded apart, so
+the first pass scores each one without the others as context. With
+:attr:`~draft_rag.specpc.SpecPC.rescore_factor` ``k``, SpecPC keeps ``k x budget`` tokens of candidates from that
+pass, lets the draft read the candidates' text and the question once more, in one joint prefill where they see
+each other, and selects the budget among the candidates from that reading.
 This module holds the two steps around that pass: the candidates as text with a map back to their sources
 (:func:`candidate_texts`), and the second pass's scores moved onto the tokens of the first prompt
 (:func:`transfer_scores`). torch is imported where it is used.

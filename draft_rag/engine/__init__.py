@@ -131,8 +131,9 @@ class SpecKV(_Requests):
             tokens, then the eviction method runs on the shortened prompt (default ``None``: no cascade).
             The context is the last user message up to its question (its last paragraph, or the last one
             that ends with a question mark and the short instructions after it), which is kept verbatim
-            (see :func:`draft_rag.cascade.split_context`). The draft reads the long prompt once: that pass
-            scores the context for SpecPC and, for ``speckv``, also writes the draft answer.
+            (see :func:`draft_rag.cascade.split_context`). The draft reads the long prompt once, jointly
+            (``SpecPC(reading="joint")``, with SpecPC's window of 64 observing positions): that pass scores the context
+            for SpecPC and, for ``speckv``, also writes the draft answer.
         sink_tokens: first positions StreamingLLM always keeps (default 4).
         chunk_size: ``None`` (default) prefills the prompt (and the draft answer) in one forward pass and
             evicts each layer's cache right after that layer's attention, so the full prompt cache never
@@ -217,10 +218,12 @@ class SpecKV(_Requests):
         if self.draft is not None and prompt_budget is not None:
             from draft_rag.specpc import SpecPC
 
+            # The cascade's context is one document, which reading it apart would not change but for the
+            # observers (the question's instead of the window); the joint reading keeps the cascade as measured.
             self.prompt_compressor = SpecPC(
                 draft=self.draft, budget=prompt_budget, target_tokenizer=self.target.tokenizer,
                 chunk_size=chunk_size or SpecPC.chunk_size, progress=False,
-                observer_block_size=observer_block_size,
+                observer_block_size=observer_block_size, reading="joint",
             )
         self._stop_ids = set(stop_token_ids(self.target))
 

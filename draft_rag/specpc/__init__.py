@@ -170,7 +170,8 @@ class SpecPC:
 
     Shortens retrieved documents to the spans a draft model attends to when reading the question, so a
     target model reads at most ``budget`` tokens of context. Defaults are the paper's settings for Qwen, except
-    three chosen on the benchmark's tuning seed (``document_boundaries``, ``kernel_size``, ``neighbor_tokens``).
+    three chosen on the benchmark's tuning seed (``document_boundaries``, ``kernel_size``, ``neighbor_tokens``) and
+    the reading (``reading="apart"`` with the question's observers; the paper's is ``reading="joint"``).
     Based on https://arxiv.org/abs/2506.08373.
 
     Args:

@@ -9,6 +9,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Generator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -71,12 +72,16 @@ def drain(stream: Generator[str, None, GenerationResult]) -> tuple[list[str], Ge
 
 def test_specpc_and_speckv_sharing_a_draft_match_sequential_results(shared_draft, target):
     compressor = SpecPC(draft=shared_draft, budget=48, window_size=8, kernel_size=5, neighbor_tokens=6,
-                        starting_layer_index=1, lookahead_tokens=4)
+                        starting_layer_index=1, lookahead_tokens=4)  # reads apart, each call with its own cache
+    joint = replace(compressor, reading="joint")
+    recomputing = replace(compressor, budget=16, recompute_factor=2)  # the call's cache serves the second pass
     engine = SpecKV(target=target, draft=shared_draft, budget=40, window_size=8)
     on_the_draft = SpecKV(target=shared_draft, method="snapkv", budget=40, window_size=8)
     jobs = [
         lambda: compressor.compress(QUERY, DOCS).texts,
         lambda: compressor.compress(QUERY, DOCS[::-1]).texts,
+        lambda: joint.compress(QUERY, DOCS).texts,
+        lambda: recomputing.compress(QUERY, DOCS).texts,
         lambda: engine.generate(LONG_PROMPT, max_new_tokens=12).token_ids,
         lambda: "".join(engine.stream(LONG_PROMPT + " Be brief.", max_new_tokens=12)),
         lambda: on_the_draft.generate(LONG_PROMPT, max_new_tokens=12).token_ids,

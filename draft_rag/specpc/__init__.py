@@ -201,9 +201,9 @@ class SpecPC:
             4k-token prompt on 2 CPU cores in bf16) and on the benchmark answered more: with the question's
             observers, +13.1 / +10.3 / +8.4 points over the joint reading at 256 / 512 / 1024 tokens on the
             synthetic tasks (seed 0, n = 80, every interval above 0), -3.3 / -6.6 / +3.3 on its 61 book questions
-            (no interval excluding 0). Apart needs a draft whose keys can be moved to new positions (RoPE without
-            length-dependent scaling, on one device): others get a NotImplementedError before any compute, whose
-            message points to ``"joint"``. A ``cache`` needs ``"apart"``.
+            (no interval excluding 0). Apart needs a draft whose keys can be moved to new positions (one RoPE for
+            all layers, without length-dependent scaling, on one device): others (e.g. Gemma 3) get a
+            NotImplementedError before any compute, whose message points to ``"joint"``. A ``cache`` needs ``"apart"``.
         observe_from: ``"window"``: the last ``window_size`` prompt positions observe; ``"question"``: the
             observers start at the question instead (its ``Question:`` line and the template's end), so a short
             question is not padded out with the tail of the last document; ``"auto"`` (default): ``"question"``

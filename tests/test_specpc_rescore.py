@@ -94,8 +94,8 @@ def test_scores_move_from_the_candidates_onto_the_tokens_they_came_from():
 
 
 @pytest.mark.parametrize("observe_from", ["window", "question"])
-def test_candidates_that_are_the_whole_context_select_what_specpc_without_a_cache_selects(draft, observe_from):
-    """Over a draft cache, a second pass that reads every token is the uncached pass: same scores, same text.
+def test_candidates_that_are_the_whole_context_select_what_the_joint_reading_selects(draft, observe_from):
+    """Over a draft cache, a second pass that reads every token is the joint pass: same scores, same text.
 
     (Documents without whitespace at their ends: kept spans are trimmed, so the candidates' text would lack it.)
     """
@@ -103,7 +103,7 @@ def test_candidates_that_are_the_whole_context_select_what_specpc_without_a_cach
     total = sum(count(d) for d in docs)
     for budget in (12, 24):
         factor = -(-total // budget)  # candidates at factor x budget >= the context: every token
-        plain = make(draft, budget=budget, observe_from=observe_from).compress(QUERY, docs)
+        plain = make(draft, budget=budget, observe_from=observe_from, reading="joint").compress(QUERY, docs)
         rescored = make(draft, budget=budget, cache=DraftCache(), rescore_factor=factor,
                         observe_from=observe_from).compress(QUERY, docs)
         assert rescored.texts == plain.texts

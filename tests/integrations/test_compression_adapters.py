@@ -49,7 +49,8 @@ class LangChainAdapter:
     def make(self, draft: Any, **kwargs: Any) -> Any:
         from langchain_draft_rag import DraftContextCompressor
 
-        return DraftContextCompressor(draft=draft, specpc_kwargs=dict(SPECPC_KWARGS), **kwargs)
+        specpc_kwargs = {**SPECPC_KWARGS, **kwargs.pop("specpc_kwargs", {})}
+        return DraftContextCompressor(draft=draft, specpc_kwargs=specpc_kwargs, **kwargs)
 
     def inputs(self, texts: list[str]) -> list[Any]:
         from langchain_core.documents import Document
@@ -81,7 +82,8 @@ class LlamaIndexAdapter:
     def make(self, draft: Any, **kwargs: Any) -> Any:
         from llama_index.postprocessor.draft_rag import DraftNodePostprocessor
 
-        return DraftNodePostprocessor(draft=draft, specpc_kwargs=dict(SPECPC_KWARGS), **kwargs)
+        specpc_kwargs = {**SPECPC_KWARGS, **kwargs.pop("specpc_kwargs", {})}
+        return DraftNodePostprocessor(draft=draft, specpc_kwargs=specpc_kwargs, **kwargs)
 
     def inputs(self, texts: list[str]) -> list[Any]:
         from llama_index.core.schema import NodeWithScore, TextNode
@@ -271,9 +273,10 @@ def test_warmed_cache_serves_the_next_compression(adapter, tiny_draft):
     assert sum(o.metadata[KEY]["kept_tokens"] for o in out) <= 30
 
 
-def test_cached_single_document_keeps_what_the_uncached_adapter_keeps(adapter, tiny_draft):
+def test_cached_single_document_keeps_what_the_joint_reading_keeps(adapter, tiny_draft):
     cached = adapter.make(tiny_draft, budget=12, cache=DraftCache())
-    expected = adapter.run(adapter.make(tiny_draft, budget=12), adapter.inputs(TEXTS[1:2]))
+    joint = adapter.make(tiny_draft, budget=12, specpc_kwargs={"reading": "joint"})  # the whole-prompt prefill
+    expected = adapter.run(joint, adapter.inputs(TEXTS[1:2]))
     for _ in range(2):  # the first call fills the cache, the second reads the document from it
         out = adapter.run(cached, adapter.inputs(TEXTS[1:2]))
         assert [(o.text, o.metadata[KEY]["spans"]) for o in out] == [

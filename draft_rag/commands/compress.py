@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from draft_rag.models import DEFAULT_DRAFT
-from draft_rag.specpc import READINGS
+from draft_rag.specpc import READINGS, SpecPC
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-tokenizer", default=None, help="count the budget in this tokenizer's tokens")
     parser.add_argument("--lookahead-tokens", type=int, default=1)
     parser.add_argument(
-        "--reading", choices=READINGS, default="apart",
+        "--reading", choices=READINGS, default=SpecPC.reading,
         help="apart (default): the draft reads each document on its own, as --cache-dir stores it; joint: one "
         "prefill of all of them, the paper's reading (no --cache-dir)",
     )
@@ -62,7 +62,7 @@ def read_documents(files: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from draft_rag import DraftCache, SpecPC
+    from draft_rag import DraftCache
 
     documents = read_documents(args.files)
     pc = SpecPC(
